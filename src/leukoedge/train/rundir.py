@@ -1,0 +1,145 @@
+"""The layout of a training run directory, shared by train, eval and convert.
+
+A run directory is self-describing: everything later stages need (the model,
+the exact manifest, the preprocessing spec, the class names, the abstention
+threshold) is inside it, so ``eval`` and ``convert`` take only ``RUN_DIR``.
+TensorFlow-free: this module only knows paths and JSON.
+
+Layout::
+
+    RUN_DIR/
+      config.json        RunConfig: model name, input size, classes, seed, hyper-parameters,
+                         augmentation recipe, data root, leukoedge/TF versions
+      manifest.json      the split manifest used (a copy, so the run survives the original moving)
+      model.keras        best checkpoint (by validation loss)
+      last.keras         last epoch (for --resume)
+      state.json         resume state: last completed epoch, best metric, early-stopping counter
+      history.json       per-epoch metrics
+      metrics.json       evaluation (leukoedge eval), per split: metrics_<split>.json
+      ood.json           out-of-distribution score name and threshold chosen on validation
+      calibration.json   temperature fitted on validation (issue 7), optional
+      model_card.md / model_card.json
+      plots/             training_curves.png, confusion_matrix.png, roc.png, reliability.png
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..data.records import Manifest
+from ..errors import RunError
+from ..preprocess import PreprocessSpec
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What was trained and how; written once at the start of a run."""
+
+    model: str
+    input_size: int
+    classes: tuple[str, ...]
+    seed: int
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    augmentation: dict = field(default_factory=dict)
+    data_root: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def preprocess_spec(self) -> PreprocessSpec:
+        return PreprocessSpec.square(self.input_size)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["classes"] = list(self.classes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        try:
+            d = dict(d)
+            d["classes"] = tuple(d["classes"])
+            known = set(cls.__dataclass_fields__)
+            return cls(**{k: v for k, v in d.items() if k in known})
+        except (KeyError, TypeError) as err:
+            raise RunError(f"malformed run config: {err}") from None
+
+
+class RunDir:
+    """Paths and typed readers for one run directory."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    # -- paths -------------------------------------------------------------
+    config_path = property(lambda self: self.path / "config.json")
+    manifest_path = property(lambda self: self.path / "manifest.json")
+    model_path = property(lambda self: self.path / "model.keras")
+    last_model_path = property(lambda self: self.path / "last.keras")
+    state_path = property(lambda self: self.path / "state.json")
+    history_path = property(lambda self: self.path / "history.json")
+    ood_path = property(lambda self: self.path / "ood.json")
+    calibration_path = property(lambda self: self.path / "calibration.json")
+    model_card_md = property(lambda self: self.path / "model_card.md")
+    model_card_json = property(lambda self: self.path / "model_card.json")
+    plots_dir = property(lambda self: self.path / "plots")
+
+    def metrics_path(self, split: str = "test") -> Path:
+        return self.path / ("metrics.json" if split == "test" else f"metrics_{split}.json")
+
+    # -- readers -----------------------------------------------------------
+    def require(self, *paths: Path) -> None:
+        missing = [p.name for p in paths if not p.exists()]
+        if missing:
+            raise RunError(
+                f"{self.path} is not a complete run directory: missing {', '.join(missing)}",
+                hint="train one with `leukoedge train --data DIR --model NAME --out RUN_DIR`",
+            )
+
+    def config(self) -> RunConfig:
+        self.require(self.config_path)
+        return RunConfig.from_dict(read_json(self.config_path))
+
+    def manifest(self) -> Manifest:
+        self.require(self.manifest_path)
+        return Manifest.load(self.manifest_path)
+
+    def read(self, path: Path, default=None):
+        return read_json(path) if path.exists() else default
+
+    def write(self, path: Path, data) -> Path:
+        return write_json(path, data)
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise RunError(f"{path}: not valid JSON ({err})") from None
+
+
+def write_json(path: Path, data) -> Path:
+    """Write atomically (temp file + rename): an interrupted run never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=_json_default) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _json_default(obj):
+    try:
+        import numpy as np
+
+        if isinstance(obj, np.generic):
+            return obj.item()
+        if isinstance(obj, np.ndarray):
+            return obj.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot serialise {type(obj).__name__}")
