@@ -1,0 +1,82 @@
+"""The frozen options of one conversion, checked once (bad combinations are refused)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..bundle import ARCHIVE_KINDS
+from ..errors import UsageError
+from .modes import DEFAULT_CALIBRATION, MIN_CALIBRATION, MODES, QuantMode
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Arguments of ``leukoedge convert``.
+
+    Attributes:
+        run_dir: the training run directory (model.keras, manifest.json, config.json).
+        out: the bundle directory to write.
+        quantize: a key of :data:`~leukoedge.convert.modes.MODES`.
+        calibration: representative images from the TRAIN split (int8/uint8 only;
+            None means the default of 300).
+        max_drop: largest accepted accuracy drop, in percentage points.
+        min_agreement: smallest accepted top-1 agreement with the float model (0..1).
+        with_heatmap: add the ``features`` output for class activation maps.
+        edgetpu: check Edge TPU compatibility and compile when edgetpu_compiler exists.
+        archive: also pack the bundle as ``<out>.tar`` or ``<out>.zip``.
+        force: replace an existing bundle at ``out``.
+        data_root: where the run's images are now, if they moved since training.
+        worst: how many most-disagreeing images the parity report lists.
+    """
+
+    run_dir: Path
+    out: Path
+    quantize: str = "int8"
+    calibration: int | None = None
+    max_drop: float = 1.0
+    min_agreement: float = 0.99
+    with_heatmap: bool = False
+    edgetpu: bool = False
+    archive: str | None = None
+    force: bool = False
+    data_root: Path | None = None
+    worst: int = 10
+
+    def __post_init__(self) -> None:
+        if self.quantize not in MODES:
+            raise UsageError(f"unknown --quantize {self.quantize!r}; use one of {', '.join(MODES)}")
+        mode = MODES[self.quantize]
+        if self.calibration is not None:
+            if not mode.accepts_calibration:
+                raise UsageError(
+                    f"--calibration applies to full-integer modes (int8, uint8), not {self.quantize!r}",
+                    hint="drop --calibration or use --quantize int8",
+                )
+            if self.calibration < MIN_CALIBRATION:
+                raise UsageError(f"--calibration {self.calibration} is too few; use at least {MIN_CALIBRATION} images")
+        if not 0.0 <= self.max_drop <= 100.0:
+            raise UsageError(f"--max-drop must be between 0 and 100 percentage points, got {self.max_drop}")
+        if not 0.0 <= self.min_agreement <= 1.0:
+            raise UsageError(f"--min-agreement must be between 0 and 1, got {self.min_agreement}")
+        if self.edgetpu and not mode.edgetpu:
+            raise UsageError(
+                f"--edgetpu needs a full-integer model; --quantize {self.quantize} is not one",
+                hint="use --quantize int8 (or uint8) with --edgetpu",
+            )
+        if self.archive is not None and self.archive not in ARCHIVE_KINDS:
+            raise UsageError(f"--archive must be one of {', '.join(ARCHIVE_KINDS)}, got {self.archive!r}")
+        if self.worst < 0:
+            raise UsageError("the number of listed disagreements must be >= 0")
+        if Path(self.out).resolve() == Path(self.run_dir).resolve():
+            raise UsageError("--out must not be the run directory itself")
+
+    @property
+    def mode(self) -> QuantMode:
+        return MODES[self.quantize]
+
+    @property
+    def calibration_size(self) -> int:
+        """Images used for calibration (0 for modes that need none)."""
+        if not self.mode.full_integer:
+            return 0
+        return DEFAULT_CALIBRATION if self.calibration is None else self.calibration

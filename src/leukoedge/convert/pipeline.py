@@ -1,0 +1,249 @@
+"""One conversion, start to finish: run dir -> TFLite -> parity gate -> bundle.
+
+The story, in order: read the run (config, manifest, model, abstention,
+temperature); build the batch-1 export model with named outputs; calibrate on
+the TRAIN split (full-integer modes); convert; write a provisional bundle and
+load it back through the device runtime; grade it against the float model on
+the TEST split; write the final bundle (valid or not) and commit it.
+
+A failed gate still writes the bundle, marked ``valid: false`` with the
+reason, so nothing is lost and the device refuses it unless forced; then
+:class:`ParityError` is raised (exit code 7) carrying the result.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..bundle import CAM_WEIGHTS_NAME, MODEL_NAME, atomic_write_bytes, atomic_write_text, load_bundle, make_archive, sha256_file, write_json
+from ..data.records import Manifest
+from ..errors import BundleError, ConversionError, ParityError, RunError
+from ..preprocess import PreprocessSpec
+from ..train.rundir import RunConfig, RunDir
+from . import calibration, edgetpu as edgetpu_check, export, parity, writer
+from .modes import MODES
+from .options import ConvertOptions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    bundle: Path
+    archive: Path | None
+    parity: parity.ParityReport
+    size: dict
+    edgetpu: edgetpu_check.EdgeTpuReport | None
+    heatmap_method: str | None
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What the conversion reads from the run directory, checked once."""
+
+    dir: RunDir
+    config: RunConfig
+    manifest: Manifest
+    abstention: dict | None
+    temperature: float
+
+    @property
+    def spec(self) -> PreprocessSpec:
+        return self.config.preprocess_spec
+
+
+def convert_run(options: ConvertOptions, *, representative_images: np.ndarray | None = None) -> ConvertResult:
+    """Convert ``options.run_dir`` into a bundle at ``options.out``.
+
+    Args:
+        representative_images: uint8 (N, H, W, 3) calibration images replacing
+            the train-split selection. Only for tests and experiments (e.g. a
+            deliberately broken calibration the gate must catch).
+
+    Raises:
+        ParityError: after writing the bundle marked invalid, when the gate fails.
+    """
+    run = _read_run(options)
+    writer.check_target(options.out, options.force)
+    test_entries = run.manifest.subset("test")
+    if not test_entries:
+        raise ConversionError("the manifest's test split is empty; the parity gate needs test images")
+
+    log.info("loading %s", run.dir.model_path)
+    model = export.load_keras_model(run.dir.model_path)
+    # ood.json may declare a feature-based score ("uses": "features"): the device then
+    # needs the feature map even without a heatmap.
+    need_features = options.with_heatmap or (run.abstention or {}).get("uses") == "features"
+    export.check_conventions(model, need_features)
+    _check_shapes(model, run.spec.size, len(run.config.classes))
+    tflite, size = _convert(options, run, model, export.build_export_model(model, need_features), representative_images)
+    test_images = calibration.load_images(run.manifest, test_entries, run.spec, options.data_root, "test")
+
+    staging = writer.staging_dir(options.out)
+    try:
+        common, tpu_report = _write_model_files(staging, options, run, model, tflite, size)
+        meta = writer.bundle_meta(valid=False, invalid_reason="parity gate not run yet", parity=None, **common)
+        writer.write_common(staging, list(run.config.classes), meta)
+        writer.finalize(staging)
+        report = _grade(staging, model, run.manifest, test_entries, test_images, options)
+        report = dataclasses.replace(report, size=size, split_kind=run.manifest.split_kind, leaky=run.manifest.leaky)
+        _write_reports(staging, run, report, common)
+        writer.commit(staging, options.out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    archive = make_archive(options.out, options.archive) if options.archive else None
+    heatmap = common["heatmap"]
+    result = ConvertResult(options.out, archive, report, size, tpu_report, heatmap["method"] if heatmap else None)
+    if not report.passed:
+        err = ParityError(
+            f"the {options.quantize} model does not classify like the float model: {'; '.join(report.reasons)}. "
+            f"The bundle was written to {options.out} but marked invalid",
+            hint="see parity.md in the bundle; more calibration images (--calibration) or --quantize float16/dynamic may help",
+        )
+        err.result = result
+        raise err
+    return result
+
+
+def _read_run(options: ConvertOptions) -> _Run:
+    rundir = RunDir(options.run_dir)
+    rundir.require(rundir.config_path, rundir.manifest_path, rundir.model_path)
+    config, manifest = rundir.config(), rundir.manifest()
+    if tuple(config.classes) != tuple(manifest.classes):
+        raise RunError(f"{rundir.path}: config classes {list(config.classes)} differ from the manifest's {list(manifest.classes)}")
+    return _Run(rundir, config, manifest, _abstention(rundir), _temperature(rundir))
+
+
+def _convert(options: ConvertOptions, run: _Run, model, export_model, representative_images) -> tuple[bytes, dict]:
+    """The converted model and the size report (against a float32 TFLite of the same graph)."""
+    mode = options.mode
+    representative = None
+    if mode.full_integer:
+        if representative_images is None:
+            entries = calibration.select_calibration(run.manifest, options.calibration_size, run.config.seed)
+            representative_images = calibration.load_images(run.manifest, entries, run.spec, options.data_root, "calibration")
+        representative = calibration.representative_dataset(representative_images)
+    log.info("converting (%s) ...", mode.name)
+    tflite = export.convert(export_model, mode, representative)
+    float_bytes = len(tflite) if mode.name == "none" else len(export.convert(export_model, MODES["none"]))
+    size = {
+        "float32_bytes": float_bytes,
+        "converted_bytes": len(tflite),
+        "ratio": float_bytes / len(tflite),
+        "keras_file_bytes": run.dir.model_path.stat().st_size,
+        "parameters": int(model.count_params()),
+    }
+    return tflite, size
+
+
+def _write_model_files(staging: Path, options: ConvertOptions, run: _Run, model, tflite: bytes, size: dict):
+    """model.tflite, heatmap weights, Edge TPU model; returns the bundle.json fields and the TPU report."""
+    atomic_write_bytes(staging / MODEL_NAME, tflite)
+    heatmap = _write_heatmap(staging, model) if options.with_heatmap else None
+    tpu_report, compiled = None, None
+    if options.edgetpu:
+        tpu_report = edgetpu_check.inspect(tflite)
+        tpu_report, compiled = edgetpu_check.compile_model(staging / MODEL_NAME, staging, tpu_report)
+    input_desc, outputs = writer.interpreter_io(staging / MODEL_NAME)
+    common = dict(
+        model_name=run.config.model,
+        version=sha256_file(run.dir.model_path)[:12],
+        run_dir=run.dir.path.resolve(),
+        labels=list(run.config.classes),
+        spec=run.spec.to_dict(),
+        quantize=options.quantize,
+        input_desc=input_desc,
+        outputs=outputs,
+        abstention=run.abstention,
+        temperature=run.temperature,
+        heatmap=heatmap,
+        has_edgetpu=compiled is not None,
+        size=size,
+        edgetpu=tpu_report.to_dict() if tpu_report else None,
+    )
+    return common, tpu_report
+
+
+def _write_reports(staging: Path, run: _Run, report: parity.ParityReport, common: dict) -> None:
+    """Final bundle.json (valid or not), parity.json/.md, model card, checksums."""
+    reason = None if report.passed else "parity gate failed: " + "; ".join(report.reasons)
+    meta = writer.bundle_meta(valid=report.passed, invalid_reason=reason, parity=report.summary(), **common)
+    writer.write_common(staging, list(run.config.classes), meta)
+    write_json(staging / "parity.json", report.to_dict())
+    atomic_write_text(staging / "parity.md", report.to_markdown(f"Parity report: {run.config.model} ({report.mode})"))
+    writer.write_model_card(
+        staging, writer.read_text_or_none(run.dir.model_card_md), writer.read_json_or_none(run.dir.model_card_json), meta
+    )
+    writer.finalize(staging)
+
+
+def _grade(staging: Path, model, manifest: Manifest, entries, images: np.ndarray, options: ConvertOptions) -> parity.ParityReport:
+    """Float Keras vs the provisional bundle through the device runtime."""
+    from ..runtime import Classifier
+
+    bundle = load_bundle(staging, allow_invalid=True)
+    clf = Classifier(bundle, edgetpu="off")
+    y_true = np.array([manifest.label_index(e.label) for e in entries], dtype=np.int64)
+    float_probs = parity.predict_float(model, images)
+    quant_probs = parity.predict_device(clf, images)
+    return parity.compare(
+        float_probs,
+        quant_probs,
+        y_true,
+        list(manifest.classes),
+        [e.path for e in entries],
+        mode=options.quantize,
+        max_drop=options.max_drop,
+        min_agreement=options.min_agreement,
+        worst=options.worst,
+    )
+
+
+def _check_shapes(model, size: tuple[int, int], n_classes: int) -> None:
+    in_shape = tuple(model.inputs[0].shape[1:3])
+    if in_shape != tuple(size):
+        raise RunError(f"the model's input is {in_shape[0]}x{in_shape[1]} but the run config says {size[0]}x{size[1]}")
+    out_units = model.get_layer("probabilities").output.shape[-1]
+    if out_units != n_classes:
+        raise RunError(f"the model outputs {out_units} probabilities for {n_classes} classes")
+
+
+def _write_heatmap(staging: Path, model) -> dict:
+    weights = export.cam_weights(model)
+    if weights is None:
+        return {"output": "features", "method": "channel_mean", "weights": None}
+    np.save(staging / CAM_WEIGHTS_NAME, weights, allow_pickle=False)
+    return {"output": "features", "method": "cam", "weights": CAM_WEIGHTS_NAME}
+
+
+def _abstention(run: RunDir) -> dict | None:
+    """The run's ood.json (score name, threshold, reference statistics), checked against the runtime."""
+    from ..runtime import postprocess
+
+    data = run.read(run.ood_path)
+    if data is None:
+        log.warning("%s has no ood.json: the bundle will never abstain", run.path)
+        return None
+    if not isinstance(data, dict) or "score" not in data or "threshold" not in data:
+        raise RunError(f"{run.ood_path}: needs at least 'score' and 'threshold'")
+    data = dict(data)
+    try:
+        # Resolve the side explicitly so the device never relies on a default.
+        data["abstain_when"] = postprocess.abstain_side(data)
+    except BundleError as err:
+        raise RunError(f"{run.ood_path}: {err.message}", hint=err.hint) from None
+    return data
+
+
+def _temperature(run: RunDir) -> float:
+    data = run.read(run.calibration_path) or {}
+    temperature = float(data.get("temperature", 1.0))
+    if not temperature > 0:
+        raise RunError(f"{run.calibration_path}: temperature must be > 0, got {temperature}")
+    return temperature

@@ -1,0 +1,80 @@
+"""``leukoedge data check|split|synth|layouts``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("data", help="check, split and synthesise datasets",
+                              description="Dataset checks, leakage-aware split manifests and synthetic smears.")
+    sub = p.add_subparsers(dest="data_command", metavar="ACTION")
+    sub.required = True
+
+    check = sub.add_parser("check", help="find unreadable files, duplicates and class imbalance")
+    check.add_argument("path", type=Path, help="dataset folder")
+    check.add_argument("--layout", default="auto", help="force a layout (see `leukoedge data layouts`)")
+    check.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    check.add_argument("--strict", action="store_true", help="exit non-zero when any file is unreadable")
+    check.set_defaults(func=_check)
+
+    split = sub.add_parser("split", help="write a deterministic train/val/test manifest")
+    split.add_argument("path", type=Path, help="dataset folder")
+    split.add_argument("--out", type=Path, required=True, metavar="MANIFEST", help="manifest JSON to write")
+    split.add_argument("--layout", default="auto", help="force a layout (see `leukoedge data layouts`)")
+    split.add_argument("--val", type=float, default=0.15, help="validation fraction (default 0.15)")
+    split.add_argument("--test", type=float, default=0.15, help="test fraction (default 0.15)")
+    split.add_argument("--by", default="auto", choices=("auto", "group", "block", "random"),
+                       help="auto: by patient when ids exist, else capture-order blocks; random is leaky")
+    split.add_argument("--seed", type=int, default=0)
+    split.set_defaults(func=_split)
+
+    synth = sub.add_parser("synth", help="generate synthetic Wright-Giemsa-like smear fields")
+    synth.add_argument("out", type=Path, help="output folder (Taleqani layout)")
+    synth.add_argument("--n", type=int, default=800, help="number of images, split evenly over 4 classes")
+    synth.add_argument("--size", type=int, default=224, help="image side in pixels (default 224)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=_synth)
+
+    layouts = sub.add_parser("layouts", help="list the dataset layouts that are recognised")
+    layouts.set_defaults(func=_layouts)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from .check import check_dataset
+
+    report = check_dataset(args.path, args.layout, progress=not args.json and sys.stderr.isatty())
+    print(json.dumps(report.to_dict(), indent=1) if args.json else report.to_text())
+    return 1 if args.strict and not report.ok else 0
+
+
+def _split(args: argparse.Namespace) -> int:
+    from .split import format_counts, make_manifest
+
+    manifest = make_manifest(args.path, layout=args.layout, by=args.by, val=args.val, test=args.test,
+                             seed=args.seed, progress=sys.stderr.isatty())
+    manifest.save(args.out)
+    print(format_counts(manifest))
+    excluded = manifest.params.get("unreadable_excluded") or []
+    if excluded:
+        print(f"left out {len(excluded)} unreadable file(s); run `leukoedge data check` to see why")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from .synth import generate
+
+    paths = generate(args.out, args.n, size=args.size, seed=args.seed, progress=True)
+    print(f"wrote {len(paths)} images to {args.out / 'Original'} (seed {args.seed}, {args.size} px)")
+    return 0
+
+
+def _layouts(args: argparse.Namespace) -> int:
+    from .readers import list_layouts
+
+    for layout in list_layouts():
+        print(f"{layout.name:<14} {layout.description}")
+    return 0

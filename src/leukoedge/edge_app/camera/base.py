@@ -1,0 +1,96 @@
+"""The camera interface every backend implements, and what the app knows about it.
+
+A camera is three methods: :meth:`Camera.capture` (a full-resolution still as
+uint8 RGB, what gets classified), :meth:`Camera.preview_jpeg` (a small JPEG
+frame for the live MJPEG preview) and :meth:`Camera.close`. Backends are
+thread-safe (one lock around the device) because the preview producer thread
+and capture requests share one camera, created once per process.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+from PIL import Image
+
+#: Longest side of preview frames; small keeps the MJPEG stream light on a Pi.
+PREVIEW_MAX_SIDE = 640
+
+
+@runtime_checkable
+class Camera(Protocol):
+    """What the app needs from a camera backend."""
+
+    name: str
+
+    def capture(self) -> np.ndarray:
+        """A full-resolution still, uint8 HxWx3 RGB. Raises CameraError."""
+
+    def preview_jpeg(self) -> bytes:
+        """A small JPEG frame for the live preview. Raises CameraError."""
+
+    def close(self) -> None:
+        """Release the device; safe to call twice."""
+
+
+@dataclass(frozen=True)
+class CameraStatus:
+    """Which backend is in use, and why others were not.
+
+    Attributes:
+        requested: the ``--camera`` spec as given.
+        backend: the backend in use, or ``"none"`` (upload mode).
+        attempts: ``(backend, reason)`` for every backend tried that failed.
+        detail: human description of the working camera (e.g. the replay folder).
+    """
+
+    requested: str
+    backend: str
+    attempts: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    detail: str = ""
+
+    @property
+    def available(self) -> bool:
+        return self.backend != "none"
+
+    @property
+    def reason(self) -> str:
+        """Why the app is in upload mode ('' when a camera works)."""
+        if self.available:
+            return ""
+        if not self.attempts:
+            return "no camera requested (--camera none)"
+        return "; ".join(f"{name}: {why}" for name, why in self.attempts)
+
+    def to_dict(self) -> dict:
+        return {
+            "requested": self.requested,
+            "backend": self.backend,
+            "available": self.available,
+            "mode": "camera" if self.available else "upload",
+            "detail": self.detail,
+            "fallback_reason": self.reason,
+            "attempts": [{"backend": n, "reason": r} for n, r in self.attempts],
+        }
+
+
+def encode_jpeg(rgb: np.ndarray, *, max_side: int | None = PREVIEW_MAX_SIDE, quality: int = 75) -> bytes:
+    """JPEG bytes of a uint8 RGB frame, shrunk so its longest side is ``max_side``."""
+    img = Image.fromarray(np.ascontiguousarray(rgb[:, :, :3]), mode="RGB")
+    if max_side is not None and max(img.size) > max_side:
+        img.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def as_rgb(frame: np.ndarray, *, source: str) -> np.ndarray:
+    """Validate a backend frame: uint8 HxWx3, or HxWx4 with the 4th byte dropped."""
+    from ...errors import CameraError
+
+    arr = np.asarray(frame)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] not in (3, 4) or arr.size == 0:
+        raise CameraError(f"{source} returned an unusable frame ({arr.dtype} {arr.shape})")
+    return np.ascontiguousarray(arr[:, :, :3])

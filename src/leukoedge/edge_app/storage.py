@@ -1,0 +1,391 @@
+"""Results on disk: SQLite (WAL) rows + image files, consistent across power cuts.
+
+Write order is what keeps the two consistent:
+
+1. every image file is written to ``<name>.tmp``, fsync'ed, renamed into place
+   and the directory fsync'ed, so a file either exists whole or not at all;
+2. only then is the row inserted and committed (``synchronous=FULL``).
+
+A crash between 1 and 2 leaves files without a row; deletion removes the row
+first, then the files, so a crash there leaves files without a row too. On
+start-up :meth:`ResultStore.recover` removes ``*.tmp`` leftovers and orphan
+files, and removes rows whose files have gone missing (e.g. a card restored
+from an old backup), logging what it did. Rows never point at half files.
+
+Files are named by result id only (32 hex chars, from :func:`uuid.uuid4`) and
+a fixed kind, so no user-supplied text ever becomes part of a path.
+
+Threads: one SQLite connection per thread (``threading.local``); SQLite's own
+locking plus ``busy_timeout`` serialise writers.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping
+
+from ..errors import LeukoEdgeError, UsageError
+
+log = logging.getLogger(__name__)
+
+#: kind -> file suffix. The kinds are the only names a client may ask for.
+FILE_KINDS = {"original": None, "thumbnail": ".thumb.jpg", "heatmap": ".heatmap.jpg"}
+ORIGINAL_SUFFIXES = (".jpg", ".png")
+ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS results (
+    id            TEXT PRIMARY KEY,
+    created_at    REAL NOT NULL,
+    source        TEXT NOT NULL,
+    filename      TEXT NOT NULL,
+    label         TEXT NOT NULL,
+    confidence    REAL NOT NULL,
+    abstained     INTEGER NOT NULL,
+    ood_score     REAL,
+    probabilities TEXT NOT NULL,
+    latency_ms    REAL NOT NULL,
+    timings       TEXT NOT NULL,
+    model_name    TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    width         INTEGER NOT NULL,
+    height        INTEGER NOT NULL,
+    original_ext  TEXT NOT NULL,
+    has_heatmap   INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS results_created ON results (created_at DESC);
+CREATE INDEX IF NOT EXISTS results_label ON results (label, created_at DESC);
+"""
+
+
+class StorageError(LeukoEdgeError):
+    """The results database or image folder cannot be used (disk full, permissions)."""
+
+    exit_code = 11
+    http_status = 507
+
+
+class ResultNotFoundError(LeukoEdgeError):
+    """No stored result with that id (never existed, deleted, or a malformed id)."""
+
+    http_status = 404
+
+
+@dataclass(frozen=True)
+class StoredResult:
+    """One row of the results table, decoded."""
+
+    id: str
+    created_at: float
+    source: str
+    filename: str
+    label: str
+    confidence: float
+    abstained: bool
+    ood_score: float | None
+    probabilities: dict[str, float]
+    latency_ms: float
+    timings: dict[str, float]
+    model_name: str
+    model_version: str
+    width: int
+    height: int
+    original_ext: str
+    has_heatmap: bool
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "created_at": self.created_at,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created_at)),
+            "source": self.source,
+            "filename": self.filename,
+            "label": self.label,
+            "confidence": self.confidence,
+            "abstained": self.abstained,
+            "ood_score": self.ood_score,
+            "probabilities": dict(self.probabilities),
+            "latency_ms": self.latency_ms,
+            "timings": dict(self.timings),
+            "model": {"name": self.model_name, "version": self.model_version},
+            "width": self.width,
+            "height": self.height,
+            "has_heatmap": self.has_heatmap,
+        }
+
+
+def new_result_id() -> str:
+    return uuid.uuid4().hex
+
+
+def check_result_id(result_id: str) -> str:
+    """The id itself, or ResultNotFoundError: malformed ids never reach the filesystem."""
+    if not isinstance(result_id, str) or not ID_PATTERN.match(result_id):
+        raise ResultNotFoundError(f"no result with id {result_id[:40]!r}")
+    return result_id
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that ``path`` is either old, or new and whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ResultStore:
+    """The results table and image folder under ``data_dir``."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = Path(data_dir)
+        self.images_dir = self.data_dir / "images"
+        self.db_path = self.data_dir / "results.sqlite3"
+        try:
+            self.images_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StorageError(f"cannot create the data folder {self.data_dir} ({err.strerror or err})",
+                               hint="pass --data-dir to a folder the service user can write") from None
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._conn_lock = threading.Lock()
+        try:
+            conn = self._connection()
+            conn.executescript(_SCHEMA)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except sqlite3.Error as err:
+            raise StorageError(f"cannot use the results database {self.db_path} ({err})") from None
+
+    # -- connections -------------------------------------------------------
+    def _connection(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = sqlite3.connect(self.db_path, timeout=10.0, isolation_level=None, check_same_thread=False)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.execute("PRAGMA busy_timeout=10000")
+            except sqlite3.Error as err:
+                raise StorageError(f"cannot open the results database {self.db_path} ({err})") from None
+            conn.row_factory = sqlite3.Row
+            self._local.conn = conn
+            with self._conn_lock:
+                self._connections.append(conn)
+        return conn
+
+    class _Tx:
+        def __init__(self, conn: sqlite3.Connection) -> None:
+            self.conn = conn
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.conn.execute("BEGIN IMMEDIATE")
+            return self.conn
+
+        def __exit__(self, exc_type, exc, tb) -> None:
+            self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+
+    def _db(self) -> "ResultStore._Tx":
+        return self._Tx(self._connection())
+
+    def close(self) -> None:
+        with self._conn_lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+    # -- paths -------------------------------------------------------------
+    def file_path(self, result_id: str, kind: str, original_ext: str = ".jpg") -> Path:
+        check_result_id(result_id)
+        if kind not in FILE_KINDS:
+            raise ResultNotFoundError(f"no image kind {kind[:20]!r}; use one of {sorted(FILE_KINDS)}")
+        suffix = FILE_KINDS[kind] or original_ext
+        return self.images_dir / f"{result_id}{suffix}"
+
+    def files_of(self, result: StoredResult) -> dict[str, Path]:
+        kinds = ["original", "thumbnail"] + (["heatmap"] if result.has_heatmap else [])
+        return {k: self.file_path(result.id, k, result.original_ext) for k in kinds}
+
+    # -- writes ------------------------------------------------------------
+    def add(self, fields: Mapping, files: Mapping[str, bytes]) -> StoredResult:
+        """Write the files, then commit the row; returns the stored result.
+
+        ``fields`` holds every column except ``id``/``has_heatmap``/``original_ext``;
+        ``files`` maps kind -> bytes and must include ``original`` (as ``.jpg`` or
+        ``.png`` bytes, named by ``fields["original_ext"]``) and ``thumbnail``.
+        """
+        if "original" not in files or "thumbnail" not in files:
+            raise UsageError("a result needs at least its original image and a thumbnail")
+        original_ext = fields.get("original_ext", ".jpg")
+        if original_ext not in ORIGINAL_SUFFIXES:
+            raise UsageError(f"original images are stored as {ORIGINAL_SUFFIXES}, not {original_ext!r}")
+        result = StoredResult(
+            id=new_result_id(),
+            created_at=float(fields.get("created_at") or time.time()),
+            source=str(fields["source"]),
+            filename=str(fields.get("filename") or "")[:200],
+            label=str(fields["label"]),
+            confidence=float(fields["confidence"]),
+            abstained=bool(fields["abstained"]),
+            ood_score=None if fields.get("ood_score") is None else float(fields["ood_score"]),
+            probabilities={str(k): float(v) for k, v in dict(fields["probabilities"]).items()},
+            latency_ms=float(fields["latency_ms"]),
+            timings={str(k): float(v) for k, v in dict(fields.get("timings") or {}).items()},
+            model_name=str(fields["model_name"]),
+            model_version=str(fields["model_version"]),
+            width=int(fields["width"]),
+            height=int(fields["height"]),
+            original_ext=original_ext,
+            has_heatmap="heatmap" in files,
+        )
+        written: list[Path] = []
+        try:
+            for kind, data in files.items():
+                path = self.file_path(result.id, kind, original_ext)
+                atomic_write(path, data)
+                written.append(path)
+            fsync_dir(self.images_dir)
+            with self._db() as db:
+                db.execute(
+                    "INSERT INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (result.id, result.created_at, result.source, result.filename, result.label,
+                     result.confidence, int(result.abstained), result.ood_score,
+                     json.dumps(result.probabilities), result.latency_ms, json.dumps(result.timings),
+                     result.model_name, result.model_version, result.width, result.height,
+                     result.original_ext, int(result.has_heatmap)),
+                )
+        except (OSError, sqlite3.Error) as err:
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise StorageError(f"could not save the result ({err})", hint="is the disk full?") from None
+        return result
+
+    def delete(self, result_id: str) -> None:
+        """Row first, then files: a crash in between leaves only orphans for recover()."""
+        result = self.get(result_id)
+        with self._db() as db:
+            db.execute("DELETE FROM results WHERE id = ?", (result.id,))
+        for path in self.files_of(result).values():
+            path.unlink(missing_ok=True)
+
+    # -- reads -------------------------------------------------------------
+    def get(self, result_id: str) -> StoredResult:
+        check_result_id(result_id)
+        row = self._connection().execute("SELECT * FROM results WHERE id = ?", (result_id,)).fetchone()
+        if row is None:
+            raise ResultNotFoundError(f"no result with id {result_id!r}")
+        return _decode(row)
+
+    def page(self, *, label: str | None = None, limit: int = 50, offset: int = 0) -> list[StoredResult]:
+        """Newest first; ``label="abstained"`` selects the abstentions."""
+        where, params = _label_filter(label)
+        rows = self._connection().execute(
+            f"SELECT * FROM results {where} ORDER BY created_at DESC, id LIMIT ? OFFSET ?",
+            (*params, int(limit), int(offset)),
+        ).fetchall()
+        return [_decode(r) for r in rows]
+
+    def iter_all(self, *, label: str | None = None, batch: int = 500) -> Iterator[StoredResult]:
+        offset = 0
+        while True:
+            page = self.page(label=label, limit=batch, offset=offset)
+            yield from page
+            if len(page) < batch:
+                return
+            offset += batch
+
+    def count(self, *, label: str | None = None) -> int:
+        where, params = _label_filter(label)
+        return int(self._connection().execute(f"SELECT COUNT(*) FROM results {where}", params).fetchone()[0])
+
+    def labels(self) -> list[str]:
+        rows = self._connection().execute("SELECT DISTINCT label FROM results ORDER BY label").fetchall()
+        return [r[0] for r in rows]
+
+    # -- start-up consistency ------------------------------------------------
+    def recover(self) -> dict[str, int]:
+        """Make files and rows agree after a crash; returns what was removed."""
+        removed = {"tmp_files": 0, "orphan_files": 0, "rows_missing_files": 0}
+        for tmp in self.images_dir.glob("*.tmp"):
+            tmp.unlink(missing_ok=True)
+            removed["tmp_files"] += 1
+        rows = [_decode(r) for r in self._connection().execute("SELECT * FROM results").fetchall()]
+        expected: set[str] = set()
+        broken: list[StoredResult] = []
+        for row in rows:
+            paths = self.files_of(row)
+            if all(p.is_file() for p in paths.values()):
+                expected.update(p.name for p in paths.values())
+            else:
+                broken.append(row)
+        if broken:
+            with self._db() as db:
+                db.executemany("DELETE FROM results WHERE id = ?", [(r.id,) for r in broken])
+            removed["rows_missing_files"] = len(broken)
+        for path in self.images_dir.iterdir():
+            if path.is_file() and path.name not in expected:
+                path.unlink(missing_ok=True)
+                removed["orphan_files"] += 1
+        if any(removed.values()):
+            log.warning("storage recovery in %s: %s", self.data_dir, removed)
+            fsync_dir(self.images_dir)
+        return removed
+
+
+def _label_filter(label: str | None) -> tuple[str, tuple]:
+    if not label:
+        return "", ()
+    if label == "abstained":
+        return "WHERE abstained = 1", ()
+    return "WHERE label = ?", (label,)
+
+
+def _decode(row: sqlite3.Row) -> StoredResult:
+    data = dict(row)
+    data["abstained"] = bool(data["abstained"])
+    data["has_heatmap"] = bool(data["has_heatmap"])
+    data["probabilities"] = json.loads(data["probabilities"])
+    data["timings"] = json.loads(data["timings"])
+    return StoredResult(**data)
+
+
+def csv_safe(value: object) -> object:
+    """Defuse spreadsheet formulas in exported text (a file named '=HYPERLINK(...)')."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
+def csv_rows(results: Iterable[StoredResult], classes: list[str]) -> Iterator[list]:
+    """Header then one row per result, probability columns in ``classes`` order."""
+    yield ["id", "created", "source", "filename", "label", "confidence", "abstained", "ood_score",
+           "latency_ms", "model_name", "model_version", *[f"p_{c}" for c in classes]]
+    for r in results:
+        d = r.to_dict()
+        yield [csv_safe(v) for v in (
+            r.id, d["created"], r.source, r.filename, r.label, f"{r.confidence:.6f}", int(r.abstained),
+            "" if r.ood_score is None else f"{r.ood_score:.6f}", f"{r.latency_ms:.3f}",
+            r.model_name, r.model_version, *[f"{r.probabilities.get(c, 0.0):.6f}" for c in classes])]

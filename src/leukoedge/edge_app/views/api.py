@@ -1,0 +1,53 @@
+"""JSON API: classify, capture, list / get / delete results.
+
+    curl -F image=@cell.jpg http://127.0.0.1:8080/api/classify
+    curl -H "Authorization: Bearer $T" -F image=@cell.jpg http://pi:8080/api/classify
+
+Errors come back as ``{"error": {"type", "message", "hint", "status"}}`` from
+the app's one error handler.
+"""
+from __future__ import annotations
+
+from flask import Blueprint, jsonify, request
+
+from .common import int_arg, read_uploads, result_json, state
+
+bp = Blueprint("api", __name__, url_prefix="/api")
+MAX_PAGE = 500
+
+
+@bp.post("/classify")
+def classify():
+    (name, data), = read_uploads(request.files, "image", limit=1)
+    result = state().service.classify_upload(data, name)
+    return jsonify(result_json(result)), 201
+
+
+@bp.post("/capture")
+def capture():
+    result = state().service.classify_capture()
+    return jsonify(result_json(result)), 201
+
+
+@bp.get("/results")
+def list_results():
+    store = state().store
+    label = request.args.get("label", "").strip()[:100] or None
+    limit = int_arg("limit", 50, lo=1, hi=MAX_PAGE)
+    offset = int_arg("offset", 0, lo=0, hi=10**9)
+    total = store.count(label=label)
+    items = [result_json(r) for r in store.page(label=label, limit=limit, offset=offset)]
+    next_offset = offset + len(items) if offset + len(items) < total else None
+    return jsonify({"items": items, "total": total, "limit": limit, "offset": offset,
+                    "next_offset": next_offset, "label": label})
+
+
+@bp.get("/results/<result_id>")
+def get_result(result_id: str):
+    return jsonify(result_json(state().store.get(result_id)))
+
+
+@bp.delete("/results/<result_id>")
+def delete_result(result_id: str):
+    state().store.delete(result_id)
+    return "", 204

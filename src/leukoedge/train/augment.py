@@ -1,0 +1,158 @@
+"""Training-time augmentation, in tf.data only (models have no Random* layers).
+
+Why in tf.data: a model with ``RandomFlip``/``RandomRotation`` layers carries
+them into the saved file and into conversion, where they are either dead
+weight or, worse, change behaviour. Here the model stays a pure function of
+the preprocessed pixels and augmentation is recorded in ``config.json``.
+
+Every random draw is *stateless*, seeded from ``(run seed, epoch, position)``,
+so a run is reproducible for a seed and a resumed run sees the same
+augmented images as an uninterrupted one.
+
+Operations (per image, on float32 0..255 RGB):
+
+- flips (horizontal and vertical) and 90-degree rotations: smear fields have
+  no canonical orientation, so the full dihedral group is label-preserving;
+- small affine (rotation, shift, zoom, shear) with reflected borders;
+- brightness / contrast / hue: lamp and camera differences;
+- stain jitter: per-channel scale and offset in optical density
+  (``-log(I/255)``), an RGB approximation of HED jitter (Tellez et al. 2018)
+  that mimics stronger/weaker staining rather than a global colour cast.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from ..errors import UsageError
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """One augmentation recipe (0 / False disables an operation).
+
+    Attributes:
+        flip: random horizontal and vertical flips.
+        rot90: random multiples of 90 degrees.
+        rotation_deg: max absolute small rotation in degrees.
+        shift: max shift as a fraction of the side.
+        zoom: max relative zoom in/out.
+        shear_deg: max absolute shear angle in degrees.
+        brightness: max brightness delta as a fraction of 255.
+        contrast: max relative contrast change.
+        hue: max hue shift (fraction of the colour wheel).
+        stain: max relative optical-density scale/offset per channel.
+    """
+
+    flip: bool = True
+    rot90: bool = True
+    rotation_deg: float = 10.0
+    shift: float = 0.05
+    zoom: float = 0.08
+    shear_deg: float = 4.0
+    brightness: float = 0.08
+    contrast: float = 0.1
+    hue: float = 0.02
+    stain: float = 0.05
+
+    def __post_init__(self) -> None:
+        for name in ("rotation_deg", "shift", "zoom", "shear_deg", "brightness", "contrast", "hue", "stain"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"augmentation {name} must be >= 0, got {getattr(self, name)}")
+        if self.zoom >= 0.5 or self.shift >= 0.5 or self.hue > 0.5:
+            raise UsageError("augmentation zoom/shift must be < 0.5 and hue <= 0.5")
+
+    @property
+    def enabled(self) -> bool:
+        return any(bool(v) for v in asdict(self).values())
+
+    @property
+    def has_affine(self) -> bool:
+        return bool(self.rotation_deg or self.shift or self.zoom or self.shear_deg)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+#: Named recipes. ``paper003`` mirrors paper 003's ImageDataGenerator
+#: (rotation, width/height shift, shear, zoom, horizontal flip; no colour).
+RECIPES: dict[str, AugmentConfig] = {
+    "default": AugmentConfig(),
+    "paper003": AugmentConfig(flip=True, rot90=False, rotation_deg=20.0, shift=0.1, zoom=0.1,
+                              shear_deg=11.0, brightness=0.0, contrast=0.0, hue=0.0, stain=0.0),
+    "none": AugmentConfig(flip=False, rot90=False, rotation_deg=0.0, shift=0.0, zoom=0.0, shear_deg=0.0,
+                          brightness=0.0, contrast=0.0, hue=0.0, stain=0.0),
+}
+
+
+def recipe(name: str) -> AugmentConfig:
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise UsageError(f"unknown augmentation recipe {name!r}; use one of {', '.join(RECIPES)}") from None
+
+
+def augment_image(image, seed, cfg: AugmentConfig):
+    """Augment one float32 HxWx3 image in 0..255 with a stateless ``seed`` (int64[2])."""
+    import tensorflow as tf
+
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=10)
+    if cfg.flip:
+        image = tf.image.stateless_random_flip_left_right(image, seeds[0])
+        image = tf.image.stateless_random_flip_up_down(image, seeds[1])
+    if cfg.rot90:
+        k = tf.random.stateless_uniform([], seeds[2], 0, 4, dtype=tf.int32)
+        image = tf.image.rot90(image, k)
+    if cfg.has_affine:
+        image = _affine(image, seeds[3], cfg)
+    x = image / 255.0
+    if cfg.stain:
+        x = _stain(x, seeds[4], cfg.stain)
+    if cfg.brightness:
+        x = x + tf.random.stateless_uniform([], seeds[5], -cfg.brightness, cfg.brightness)
+    if cfg.contrast:
+        factor = tf.random.stateless_uniform([], seeds[6], 1 - cfg.contrast, 1 + cfg.contrast)
+        x = tf.image.adjust_contrast(x, factor)
+    if cfg.hue:
+        x = tf.image.adjust_hue(tf.clip_by_value(x, 0.0, 1.0), tf.random.stateless_uniform([], seeds[7], -cfg.hue, cfg.hue))
+    return tf.clip_by_value(x * 255.0, 0.0, 255.0)
+
+
+def _affine(image, seed, cfg: AugmentConfig):
+    """Rotation, shear, zoom and shift as one projective transform (reflect fill)."""
+    import tensorflow as tf
+
+    s = tf.random.experimental.stateless_split(seed, num=5)
+    uni = lambda i, lim: tf.random.stateless_uniform([], s[i], -lim, lim)  # noqa: E731
+    theta = uni(0, cfg.rotation_deg * math.pi / 180.0)
+    shear = uni(1, cfg.shear_deg * math.pi / 180.0)
+    zoom = 1.0 + uni(2, cfg.zoom)
+    h = tf.cast(tf.shape(image)[0], tf.float32)
+    w = tf.cast(tf.shape(image)[1], tf.float32)
+    tx = uni(3, cfg.shift) * w
+    ty = uni(4, cfg.shift) * h
+    # The transform maps OUTPUT pixel (x, y) to the INPUT pixel it samples:
+    # in = A @ (out - c) + c + t, with A = rotation @ shear / zoom.
+    cos, sin = tf.cos(theta), tf.sin(theta)
+    a00, a01 = cos / zoom, (-sin + cos * tf.tan(shear)) / zoom
+    a10, a11 = sin / zoom, (cos + sin * tf.tan(shear)) / zoom
+    cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
+    a02 = cx + tx - a00 * cx - a01 * cy
+    a12 = cy + ty - a10 * cx - a11 * cy
+    transform = tf.stack([a00, a01, a02, a10, a11, a12, 0.0, 0.0])[None, :]
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=image[None], transforms=transform, output_shape=tf.shape(image)[:2],
+        fill_value=0.0, interpolation="BILINEAR", fill_mode="REFLECT")
+    return out[0]
+
+
+def _stain(x, seed, strength: float):
+    """Per-channel optical-density scale and offset (x in 0..1)."""
+    import tensorflow as tf
+
+    s = tf.random.experimental.stateless_split(seed, num=2)
+    scale = tf.random.stateless_uniform([3], s[0], 1 - strength, 1 + strength)
+    offset = tf.random.stateless_uniform([3], s[1], -strength, strength)
+    od = -tf.math.log(tf.clip_by_value(x, 1.0 / 255.0, 1.0))
+    od = od * scale + offset
+    return tf.exp(-tf.maximum(od, 0.0))

@@ -1,0 +1,98 @@
+"""``leukoedge train``: train a registry model into a run directory; ``--list-models`` lists them.
+
+TensorFlow is imported inside the handler only, so ``leukoedge --help`` stays instant.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..errors import UsageError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="train a model from the registry into RUN_DIR",
+        description="Train a registry model on a split manifest, then evaluate it on val + test "
+                    "(metrics, plots, abstention threshold, model card in RUN_DIR).")
+    p.add_argument("--list-models", action="store_true", help="list registered models (input, params, MACs) and exit")
+    p.add_argument("--data", metavar="PATH", help="dataset root (overrides the manifest's root)")
+    p.add_argument("--manifest", metavar="M", help="split manifest JSON (from `leukoedge data split`)")
+    p.add_argument("--model", metavar="NAME", help="registry name (see --list-models)")
+    p.add_argument("--out", metavar="RUN_DIR", help="run directory to create")
+    p.add_argument("--epochs", type=int, help="maximum epochs (default: the model's recommended value)")
+    p.add_argument("--batch", type=int, help="global batch size (default: the model's)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the model's)")
+    p.add_argument("--input-size", type=int, help="square input size in px (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--augment", metavar="RECIPE", help="augmentation recipe: default, paper003, none "
+                                                       "(default: the model's)")
+    p.add_argument("--no-augment", action="store_true", help="train without augmentation")
+    p.add_argument("--patience", type=int, default=8, help="early-stopping patience in epochs (default 8)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from last.keras")
+    p.add_argument("--distribute", choices=("auto", "mirrored", "none"), default="auto",
+                   help="auto: MirroredStrategy with >1 GPU, mixed precision with any GPU (default)")
+    p.add_argument("--ood", metavar="DIR", action="append", default=[],
+                   help="out-of-distribution image folder for the final evaluation (repeatable)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list_models:
+        print_model_table(sys.stdout)
+        return 0
+    missing = [flag for flag, value in (("--model", args.model), ("--out", args.out)) if not value]
+    if not args.resume and not args.data and not args.manifest:
+        missing.append("--data")
+    if missing:
+        raise UsageError(f"leukoedge train needs {', '.join(missing)}",
+                         hint="leukoedge train --data DIR --model NAME --out RUN_DIR (or --list-models)")
+    if args.no_augment and args.augment and args.augment != "none":
+        raise UsageError(f"--no-augment contradicts --augment {args.augment}")
+    from .trainer import TrainOptions, train
+
+    manifest = None if args.resume else _manifest(args)
+    opts = TrainOptions(
+        out=Path(args.out), model=args.model, manifest=manifest, data_root=args.data, epochs=args.epochs,
+        batch_size=args.batch, learning_rate=args.lr, input_size=args.input_size, seed=args.seed,
+        augment="none" if args.no_augment else args.augment, resume=args.resume, patience=args.patience,
+        distribute=args.distribute, ood_dirs=tuple(args.ood))
+    result = train(opts)
+    metrics = result["metrics"] or {}
+    for split in ("val", "test"):
+        m = metrics.get(split)
+        if m:
+            warn = f"  COLLAPSED: {', '.join(m['collapsed_classes'])}" if m["collapsed_classes"] else ""
+            print(f"{split}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
+                  f"({m['split_kind']} split){warn}")
+    print(f"run directory: {result['run_dir']}")
+    return 0
+
+
+def _manifest(args):
+    """--manifest if given, else a split made now by the data layer (auto kind)."""
+    from ..data.records import Manifest
+
+    if args.manifest:
+        return Manifest.load(args.manifest)
+    try:
+        from ..data.split import auto_manifest
+    except ImportError:
+        raise UsageError("no --manifest given and this install cannot make one",
+                         hint="make one with `leukoedge data split` and pass --manifest") from None
+    return auto_manifest(args.data, seed=args.seed)
+
+
+def print_model_table(stream) -> None:
+    from ..models import get_entry, list_models, model_info
+
+    rows = []
+    for name in list_models():
+        info = model_info(name)
+        rows.append((name, get_entry(name).family, f"{info['input_size']}", f"{info['params']:,}",
+                     f"{info['macs'] / 1e6:,.1f}M", info["summary"]))
+    header = ("name", "family", "input", "params", "MACs", "description")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    for row in [header] + rows:
+        stream.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() + "\n")

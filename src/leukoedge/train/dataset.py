@@ -1,0 +1,123 @@
+"""Images from a manifest into arrays and tf.data pipelines.
+
+Decoding and resizing go ONLY through :func:`leukoedge.preprocess.load_image`
+(the device's own path), once per image: :class:`ImageCache` keeps the
+preprocessed uint8 arrays in memory for the whole process, so training,
+validation and the final evaluation never decode an image twice and never
+see pixels the device would not.
+
+The training pipeline is a pure function of ``(seed, epoch)``: the order of
+each epoch is a numpy permutation seeded by ``(seed, epoch)`` and each
+image's augmentation seed is ``(seed, epoch * N + position)``. Resuming at
+epoch ``e`` therefore replays exactly the batches an uninterrupted run would
+have seen. A resumed run is still not bit-identical to an uninterrupted one
+(random state such as dropout masks is not replayed), so its losses match
+closely rather than exactly; an uninterrupted run with the same seed is.
+
+What can fail: :class:`~leukoedge.errors.DatasetError` for an empty split or
+an unreadable image (with the file named).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ..data.records import Manifest, ManifestEntry
+from ..errors import DatasetError, InvalidImageError
+from ..preprocess import PreprocessSpec, load_image
+from .augment import AugmentConfig, augment_image
+
+
+class ImageCache:
+    """Preprocessed uint8 images keyed by (absolute path, input size)."""
+
+    def __init__(self) -> None:
+        self._arrays: dict[tuple[str, int, int], np.ndarray] = {}
+
+    def get(self, path: Path, spec: PreprocessSpec) -> np.ndarray:
+        key = (str(path), spec.height, spec.width)
+        arr = self._arrays.get(key)
+        if arr is None:
+            try:
+                arr = load_image(path, spec)
+            except InvalidImageError as err:
+                raise DatasetError(f"cannot read a training image: {err.user_message()}") from None
+            self._arrays[key] = arr
+        return arr
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+
+def load_split(manifest: Manifest, split: str, spec: PreprocessSpec, cache: ImageCache,
+               root: str | Path | None = None) -> tuple[np.ndarray, np.ndarray, list[ManifestEntry]]:
+    """``(x uint8 [N,H,W,3], y int32 [N], entries)`` for one split of the manifest."""
+    entries = manifest.subset(split)
+    if not entries:
+        raise DatasetError(f"the {split} split of the manifest is empty",
+                           hint="make a manifest with train, val and test images (`leukoedge data split`)")
+    x = np.empty((len(entries), spec.height, spec.width, 3), dtype=np.uint8)
+    y = np.empty(len(entries), dtype=np.int32)
+    for i, entry in enumerate(tqdm(entries, desc=f"load {split}", unit="img", leave=False, mininterval=1.0)):
+        x[i] = cache.get(manifest.resolve(entry, root), spec)
+        y[i] = manifest.label_index(entry.label)
+    return x, y, entries
+
+
+def epoch_orders(n: int, seed: int, first_epoch: int, last_epoch: int) -> np.ndarray:
+    """One permutation of ``range(n)`` per epoch in ``[first_epoch, last_epoch)``."""
+    return np.stack([np.random.default_rng([seed, e]).permutation(n) for e in range(first_epoch, last_epoch)])
+
+
+def train_dataset(x: np.ndarray, y: np.ndarray, *, batch_size: int, seed: int, first_epoch: int,
+                  last_epoch: int, augment: AugmentConfig):
+    """Batches for epochs ``first_epoch..last_epoch-1``, shuffled and augmented per (seed, epoch)."""
+    import tensorflow as tf
+
+    n = len(y)
+    orders = epoch_orders(n, seed, first_epoch, last_epoch)
+    epochs = np.arange(first_epoch, last_epoch, dtype=np.int64)
+    images = tf.constant(x)
+    labels = tf.constant(y)
+
+    def one_epoch(order, epoch):
+        positions = tf.range(n, dtype=tf.int64)
+        ds = tf.data.Dataset.from_tensor_slices((order, positions))
+
+        def load(index, position):
+            image = tf.cast(tf.gather(images, index), tf.float32)
+            if augment.enabled:
+                image = augment_image(image, tf.stack([tf.constant(seed, tf.int64), epoch * n + position]), augment)
+            return image, tf.gather(labels, index)
+
+        return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+
+    ds = tf.data.Dataset.from_tensor_slices((orders, epochs)).flat_map(one_epoch)
+    return ds.prefetch(2)
+
+
+def eval_dataset(x: np.ndarray, y: np.ndarray | None = None, *, batch_size: int = 64):
+    """Un-augmented batches in manifest order (float32 0..255)."""
+    import tensorflow as tf
+
+    images = tf.data.Dataset.from_tensor_slices(x).map(lambda im: tf.cast(im, tf.float32))
+    ds = images if y is None else tf.data.Dataset.zip((images, tf.data.Dataset.from_tensor_slices(y)))
+    return ds.batch(batch_size).prefetch(2)
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return math.ceil(n / batch_size)
+
+
+def class_weights(y: np.ndarray, num_classes: int) -> dict[int, float]:
+    """Inverse-frequency weights ``N / (K * n_c)`` (1.0 for the mean class).
+
+    A class absent from training gets weight 0 (and the run is refused
+    earlier by the trainer, since it could never be predicted).
+    """
+    counts = np.bincount(y, minlength=num_classes).astype(np.float64)
+    total = counts.sum()
+    return {c: (float(total / (num_classes * counts[c])) if counts[c] else 0.0) for c in range(num_classes)}

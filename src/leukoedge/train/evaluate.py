@@ -1,0 +1,140 @@
+"""Evaluate a run directory: metrics, plots, abstention threshold, model card.
+
+``evaluate_run`` reads only the run directory (model, config, manifest), so
+``leukoedge eval RUN_DIR`` reproduces what ``train`` wrote at its end. The
+validation split is always evaluated too: the collapse check and the
+abstention threshold are decided on it, never on test.
+
+Outputs (see :mod:`.rundir`): ``metrics.json`` (test) / ``metrics_<split>.json``,
+``ood.json``, ``model_card.{md,json}``, ``plots/*.png``.
+
+What can fail: :class:`RunError` (incomplete run directory),
+:class:`DatasetError` (images missing or unreadable, empty split or OOD folder).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..data.records import SPLITS
+from ..errors import UsageError
+from . import plots
+from .card import build_card, render_markdown
+from .dataset import ImageCache, eval_dataset, load_split
+from .metrics import jsonable, summarize
+from .ood import SCORE_NAME, choose_threshold, load_folder, max_softmax, ood_auroc
+from .rundir import RunDir, write_json
+
+log = logging.getLogger(__name__)
+
+#: Fraction of in-distribution (validation) images allowed to abstain.
+OOD_QUANTILE = 0.05
+
+
+def predict(model, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    if not len(x):
+        return np.zeros((0, model.output_shape[-1]), dtype=np.float64)
+    return np.asarray(model.predict(eval_dataset(x, batch_size=batch_size), verbose=0), dtype=np.float64)
+
+
+def warn_if_collapsed(summary: dict, split: str, model_name: str) -> None:
+    """The loud warning: a class with recall 0 means the model is useless for it."""
+    if summary["collapsed_classes"]:
+        log.warning("!" * 72)
+        log.warning("COLLAPSE: %s has recall 0 on the %s split for class(es) %s.", model_name, split,
+                    ", ".join(summary["collapsed_classes"]))
+        log.warning("It never predicts them correctly; do NOT use or convert this model.")
+        log.warning("!" * 72)
+
+
+def evaluate_run(run_dir: str | Path, splits: Sequence[str] = ("val", "test"), ood_dirs: Sequence[str | Path] = (),
+                 *, cache: ImageCache | None = None, model=None, batch_size: int = 64,
+                 n_resamples: int = 1000) -> dict:
+    """Evaluate ``splits`` (val always included) and write every report file; returns metrics per split."""
+    import keras
+
+    from .. import models  # noqa: F401  (registers SigmoidPair for loading)
+
+    for split in splits:
+        if split not in SPLITS:
+            raise UsageError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    rd = RunDir(run_dir)
+    rd.require(rd.config_path, rd.manifest_path, rd.model_path)
+    config, manifest = rd.config(), rd.manifest()
+    spec = config.preprocess_spec
+    cache = cache or ImageCache()
+    if model is None:
+        model = keras.models.load_model(rd.model_path, compile=False)
+    root = config.data_root or manifest.root
+    wanted = ["val"] + [s for s in splits if s != "val"]
+
+    results: dict[str, dict] = {}
+    probs_by_split: dict[str, np.ndarray] = {}
+    for split in wanted:
+        x, y, _ = load_split(manifest, split, spec, cache, root)
+        probs = predict(model, x, batch_size)
+        summary = summarize(y, probs, config.classes, n_resamples=n_resamples, seed=0)
+        summary.update(split=split, split_kind=manifest.split_kind, leaky=manifest.leaky, model=config.model)
+        if summary["collapsed_classes"]:
+            summary["collapse_warning"] = (f"recall 0 for {', '.join(summary['collapsed_classes'])}: "
+                                           "the model collapsed; do not use it")
+        warn_if_collapsed(summary, split, config.model)
+        results[split] = jsonable(summary)
+        probs_by_split[split] = probs
+        write_json(rd.metrics_path(split), results[split])
+        _split_plots(rd, split, y, probs, summary, config.classes)
+
+    ood = _ood_report(model, probs_by_split, ood_dirs, spec, batch_size)
+    write_json(rd.ood_path, jsonable(ood))
+    history = rd.read(rd.history_path)
+    if history and history.get("history"):
+        plots.training_curves(history["history"], rd.plots_dir / "training_curves.png")
+    training = {k: history[k] for k in ("epochs_run", "best_epoch", "stopped_early", "train_seconds", "devices")
+                if history and k in history}
+    card = jsonable(build_card(config, manifest, results, ood, training))
+    write_json(rd.model_card_json, card)
+    _write_text(rd.model_card_md, render_markdown(card))
+    return results
+
+
+def _split_plots(rd: RunDir, split: str, y, probs, summary: dict, classes) -> None:
+    suffix = "" if split == "test" else f"_{split}"
+    plots.confusion(summary["confusion_matrix"], classes, rd.plots_dir / f"confusion_matrix{suffix}.png",
+                    title=f"confusion matrix ({split}, {summary['split_kind']} split)")
+    aucs = [summary["per_class"][c]["roc_auc"] for c in classes]
+    plots.roc(y, probs, classes, rd.plots_dir / f"roc{suffix}.png", [a if a is not None else float("nan") for a in aucs])
+    plots.reliability(jsonable(summary["reliability"]), summary["ece"], rd.plots_dir / f"reliability{suffix}.png")
+
+
+def _ood_report(model, probs_by_split: dict, ood_dirs, spec, batch_size: int) -> dict:
+    threshold = choose_threshold(probs_by_split["val"], OOD_QUANTILE)
+    reference = "test" if "test" in probs_by_split else "val"
+    id_scores = max_softmax(probs_by_split[reference])
+    report = {
+        "score": SCORE_NAME,
+        "threshold": threshold,
+        "abstain_when": "below",
+        "quantile": OOD_QUANTILE,
+        "chosen_on": "val",
+        "val_abstain_rate": float(np.mean(max_softmax(probs_by_split["val"]) < threshold)),
+        "test_abstain_rate": float(np.mean(id_scores < threshold)) if reference == "test" else None,
+        "auroc_reference_split": reference,
+        "auroc": {},
+    }
+    for folder in ood_dirs:
+        x = load_folder(folder, spec)
+        scores = max_softmax(predict(model, x, batch_size))
+        report["auroc"][Path(folder).name] = {
+            "path": str(folder), "n": int(len(x)), "auroc": ood_auroc(id_scores, scores),
+            "abstain_rate": float(np.mean(scores < threshold)),
+        }
+    return report
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -1,0 +1,403 @@
+"""Train one registry model on a manifest into a run directory.
+
+The story is linear (keras-io style): options -> run directory -> cached
+arrays -> tf.data -> model -> fit -> history -> evaluation. Choices:
+
+- Determinism: ``keras.utils.set_random_seed`` + op determinism, and a data
+  pipeline that is a pure function of ``(seed, epoch)`` (see :mod:`.dataset`).
+  The same seed on the same machine gives identical weights and history.
+- Imbalance: inverse-frequency class weights (recorded in ``config.json``).
+- Schedule: cosine decay per epoch from the peak learning rate to 1 % of it,
+  computed from the epoch number alone so a resumed run continues the same
+  curve. Early stopping on validation loss (patience in epochs), whose
+  counter lives in ``state.json`` so it survives ``--resume``.
+- "Precise" BatchNorm statistics (Wu & Johnson 2021): moving mean/variance
+  start at 0/1 and, with momentum 0.99, keep ``0.99**steps`` of that start
+  and lag the weights by ~100 steps. A net whose true activation variance is
+  ~0.005 then predicts one class in inference mode for its first ~500
+  steps, and early stopping stops it there. So before the first epoch and at
+  the end of every epoch (before validation), one training-mode forward pass
+  over up to 256 fixed, un-augmented training images sets every BN layer's
+  moving statistics to the measured ones (:class:`BatchNormCalibrator`):
+  validation, checkpoints and the converted model all use statistics of the
+  current weights.
+- Checkpoints: best by validation loss -> ``model.keras``; every epoch ->
+  ``last.keras`` (with optimizer state) + ``state.json``; both written
+  atomically (temp + rename).
+- Devices: ``MirroredStrategy`` over all GPUs when there are several, mixed
+  float16 when any GPU is present (the ``probabilities`` layer stays float32);
+  plain CPU otherwise. ``distribute="mirrored"`` forces MirroredStrategy over
+  the visible logical devices (how the tests exercise the multi-device path).
+
+What can fail: :class:`UsageError` (bad options, an existing run without
+``--resume``, a resume whose options contradict the run), :class:`RunError`
+(resume of an incomplete run), :class:`DatasetError` (empty split, unreadable
+image, a class with no training images).
+
+Imports Keras/TensorFlow: the CLI imports this module inside its handler only.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import numpy as np
+from tqdm import tqdm
+
+from .. import __version__
+from ..data.records import Manifest
+from ..errors import DatasetError, UsageError
+from .augment import recipe
+from .dataset import ImageCache, class_weights, eval_dataset, load_split, steps_per_epoch, train_dataset
+from .rundir import RunConfig, RunDir, read_json, write_json
+
+log = logging.getLogger(__name__)
+DISTRIBUTE = ("auto", "mirrored", "none")
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Everything ``train`` needs, built once from the CLI.
+
+    Attributes:
+        out: run directory to create (or continue with ``resume``).
+        model: registry name.
+        manifest: the split manifest (ignored on resume: the run's copy is used).
+        data_root: dataset root; overrides the manifest's root when the data moved.
+        epochs / batch_size / learning_rate / input_size: None -> registry defaults.
+        seed: seeds weights, order, augmentation and dropout.
+        augment: recipe name (``default``, ``paper003``, ``none``); None -> registry default.
+        resume: continue from ``last.keras`` + ``state.json``.
+        patience: early-stopping patience in epochs.
+        distribute: ``auto`` | ``mirrored`` | ``none`` (see module docstring).
+        evaluate: run ``evaluate_run`` on val + test at the end.
+        ood_dirs: OOD folders for the final evaluation's AUROC.
+    """
+
+    out: Path
+    model: str
+    manifest: Manifest | None = None
+    data_root: str | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    learning_rate: float | None = None
+    input_size: int | None = None
+    seed: int = 0
+    augment: str | None = None
+    resume: bool = False
+    patience: int = 8
+    distribute: str = "auto"
+    evaluate: bool = True
+    ood_dirs: tuple = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "input_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.learning_rate is not None and not (0 < self.learning_rate < 10):
+            raise UsageError(f"--lr must be in (0, 10), got {self.learning_rate}")
+        if self.distribute not in DISTRIBUTE:
+            raise UsageError(f"distribute must be one of {', '.join(DISTRIBUTE)}")
+        if self.patience < 1:
+            raise UsageError("patience must be >= 1 epoch")
+        if not self.resume and self.manifest is None:
+            raise UsageError("a manifest is needed to start a run", hint="pass --manifest M")
+
+
+def resolve_config(opts: TrainOptions) -> RunConfig:
+    """Fill registry defaults and freeze what will be trained."""
+    import tensorflow as tf
+
+    from ..models import get_entry
+
+    entry = get_entry(opts.model)
+    manifest = opts.manifest
+    aug_name = opts.augment or entry.train.augment
+    aug = recipe(aug_name)
+    return RunConfig(
+        model=opts.model,
+        input_size=int(opts.input_size or entry.default_input),
+        classes=tuple(manifest.classes),
+        seed=int(opts.seed),
+        epochs=int(opts.epochs or entry.train.epochs),
+        batch_size=int(opts.batch_size or entry.train.batch_size),
+        learning_rate=float(opts.learning_rate or entry.train.learning_rate),
+        augmentation={"recipe": aug_name, "enabled": aug.enabled, "where": "tf.data", **aug.to_dict()},
+        data_root=str(Path(opts.data_root).resolve()) if opts.data_root else manifest.root,
+        extra={"optimizer": entry.train.optimizer, "patience": opts.patience, "schedule": "cosine per epoch to 1 %",
+               "loss": "sparse categorical cross-entropy, class-weighted", "distribute": opts.distribute,
+               "leukoedge_version": __version__, "tensorflow_version": tf.__version__,
+               "python": platform.python_version(), "machine": platform.platform()},
+    )
+
+
+def _check_resume(opts: TrainOptions, config: RunConfig) -> None:
+    """Refuse a --resume whose explicit options contradict the run (never rewrite silently)."""
+    given = {"model": opts.model, "epochs": opts.epochs, "batch_size": opts.batch_size,
+             "learning_rate": opts.learning_rate, "input_size": opts.input_size}
+    clashes = [f"{k}={v} (run has {getattr(config, k)})" for k, v in given.items()
+               if v is not None and v != getattr(config, k)]
+    if clashes:
+        raise UsageError(f"--resume with options that differ from the run: {', '.join(clashes)}",
+                         hint="drop those options, or start a new run with another --out")
+
+
+def pick_strategy(distribute: str):
+    """``(strategy, mixed_precision, device description)`` for this machine."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    if distribute == "mirrored" or (distribute == "auto" and len(gpus) > 1):
+        devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+        return tf.distribute.MirroredStrategy(devices=devices), bool(gpus), f"MirroredStrategy over {len(devices)} " \
+            f"{'GPU' if gpus else 'CPU'} device(s)"
+    if gpus and distribute == "auto":
+        return tf.distribute.get_strategy(), True, "1 GPU (mixed float16)"
+    return tf.distribute.get_strategy(), False, f"CPU ({_cpu_count()} cores)"
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cosine_lr(epoch: int, epochs: int, peak: float) -> float:
+    return peak * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(epoch, epochs) / max(epochs, 1))))
+
+
+def _open_run(opts: TrainOptions, rd: RunDir) -> tuple[RunConfig, Manifest, dict]:
+    """(config, manifest, state) of a new run, or of the run being resumed."""
+    if opts.resume:
+        rd.require(rd.config_path, rd.manifest_path, rd.state_path, rd.last_model_path)
+        config, manifest = rd.config(), rd.manifest()
+        _check_resume(opts, config)
+        state = read_json(rd.state_path)
+    else:
+        if rd.state_path.exists() or rd.model_path.exists():
+            raise UsageError(f"{rd.path} already holds a training run",
+                             hint="pass --resume to continue it, or choose another --out")
+        manifest = opts.manifest if opts.data_root is None else opts.manifest.with_root(opts.data_root)
+        config = resolve_config(opts)
+        state = {"epoch": -1, "best_val_loss": None, "best_epoch": None, "wait": 0, "history": {},
+                 "train_seconds": 0.0}
+    if state.get("finished"):
+        raise UsageError(f"{rd.path} already finished training ({state['epoch'] + 1} epochs)",
+                         hint="evaluate it with `leukoedge eval`, or start a new run")
+    return config, manifest, state
+
+
+def _new_model(config: RunConfig):
+    from ..models import create_model
+
+    model = create_model(config.model, config.input_size, len(config.classes))
+    optimizer = keras.optimizers.Adam(config.learning_rate) if config.extra.get("optimizer", "adam") == "adam" \
+        else keras.optimizers.SGD(config.learning_rate, momentum=0.9)
+    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+    return model
+
+
+def train(opts: TrainOptions) -> dict:
+    """Run training (and evaluation); returns ``{"run_dir", "history", "metrics"}``."""
+    import tensorflow as tf
+
+    rd = RunDir(opts.out)
+    config, manifest, state = _open_run(opts, rd)
+
+    keras.utils.set_random_seed(config.seed)
+    tf.config.experimental.enable_op_determinism()
+    strategy, mixed, devices = pick_strategy(opts.distribute)
+    if mixed:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+
+    cache = ImageCache()
+    spec = config.preprocess_spec
+    root = config.data_root or manifest.root
+    x_train, y_train, _ = load_split(manifest, "train", spec, cache, root)
+    x_val, y_val, _ = load_split(manifest, "val", spec, cache, root)
+    missing = [c for i, c in enumerate(config.classes) if not np.any(y_train == i)]
+    if missing:
+        raise DatasetError(f"no training images for class(es) {', '.join(missing)}",
+                           hint="check the manifest's train split")
+    weights = class_weights(y_train, len(config.classes))
+    if not opts.resume:
+        config = RunConfig.from_dict({**config.to_dict(), "extra": {**config.extra, "class_weights": {
+            c: round(weights[i], 6) for i, c in enumerate(config.classes)}, "devices": devices}})
+        rd.path.mkdir(parents=True, exist_ok=True)
+        write_json(rd.config_path, config.to_dict())
+        manifest.save(rd.manifest_path)
+
+    with strategy.scope():
+        model = keras.models.load_model(rd.last_model_path) if opts.resume else _new_model(config)
+
+    first = int(state["epoch"]) + 1
+    calibrator = BatchNormCalibrator(model, x_train, seed=config.seed)
+    if first == 0:
+        calibrator.calibrate()
+    steps = steps_per_epoch(len(y_train), config.batch_size)
+    log.info("training %s (%d params) on %d images, validating on %d, %s, epochs %d..%d",
+             config.model, model.count_params(), len(y_train), len(y_val), devices, first + 1, config.epochs)
+    checkpoint = RunCheckpoint(rd, state, opts.patience, config)
+    callbacks = [
+        keras.callbacks.LearningRateScheduler(lambda e, _lr: cosine_lr(e, config.epochs, config.learning_rate)),
+        keras.callbacks.TerminateOnNaN(),
+        PreciseBatchNorm(calibrator, steps),
+        checkpoint,
+        TqdmProgress(steps, config.epochs),
+    ]
+    if first < config.epochs:
+        aug = recipe(config.augmentation.get("recipe", "default"))
+        ds = train_dataset(x_train, y_train, batch_size=config.batch_size, seed=config.seed, first_epoch=first,
+                           last_epoch=config.epochs, augment=aug)
+        model.fit(ds, validation_data=eval_dataset(x_val, y_val, batch_size=max(config.batch_size, 32)),
+                  epochs=config.epochs, initial_epoch=first, steps_per_epoch=steps, class_weight=weights,
+                  callbacks=callbacks, verbose=0, shuffle=False)
+    checkpoint.finish(devices)
+    result = {"run_dir": str(rd.path), "history": checkpoint.state["history"], "metrics": None}
+    if opts.evaluate:
+        from .evaluate import evaluate_run
+
+        best = keras.models.load_model(rd.model_path, compile=False)
+        result["metrics"] = evaluate_run(rd.path, ("val", "test"), opts.ood_dirs, cache=cache, model=best)
+    return result
+
+
+class BatchNormCalibrator:
+    """Sets BatchNorm moving statistics from a fixed sample of training images.
+
+    The inputs of all BN layers are read in one training-mode pass (batch
+    statistics, as during training), pooled over the sample; models without
+    BN are left untouched.
+    """
+
+    def __init__(self, model, x: np.ndarray, *, seed: int, max_images: int = 256, batch_size: int = 64) -> None:
+        self.bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+        idx = np.sort(np.random.default_rng(seed).permutation(len(x))[:max_images])
+        self.sample = x[idx]
+        self.batch_size = batch_size
+        self.probe = keras.Model(model.inputs, [bn.input for bn in self.bns]) if self.bns else None
+
+    def calibrate(self) -> int:
+        """Assign measured mean/variance to every BN layer; returns how many were set."""
+        if not self.bns:
+            return 0
+        sums = [np.zeros((2, bn.moving_mean.shape[0])) for bn in self.bns]
+        for start in range(0, len(self.sample), self.batch_size):
+            batch = self.sample[start:start + self.batch_size].astype("float32")
+            outs = self.probe([batch], training=True)
+            outs = outs if isinstance(outs, (list, tuple)) else [outs]
+            for i, out in enumerate(outs):
+                out = keras.ops.convert_to_numpy(out).astype(np.float64)
+                axes = tuple(range(out.ndim - 1))
+                sums[i] += np.stack([out.mean(axis=axes), (out ** 2).mean(axis=axes)]) * len(batch)
+        for bn, total in zip(self.bns, sums):
+            mean = total[0] / len(self.sample)
+            var = np.maximum(total[1] / len(self.sample) - mean ** 2, 0.0)
+            bn.moving_mean.assign(mean.astype(bn.moving_mean.dtype))
+            bn.moving_variance.assign(var.astype(bn.moving_variance.dtype))
+        return len(self.bns)
+
+
+class PreciseBatchNorm(keras.callbacks.Callback):
+    """Recalibrate BN statistics after the last training batch of each epoch (before validation)."""
+
+    def __init__(self, calibrator: BatchNormCalibrator, steps: int) -> None:
+        super().__init__()
+        self.calibrator, self.steps = calibrator, steps
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == self.steps - 1:
+            self.calibrator.calibrate()
+
+
+class RunCheckpoint(keras.callbacks.Callback):
+    """Best/last checkpoints, state.json, history and early stopping."""
+
+    def __init__(self, rd: RunDir, state: dict, patience: int, config: RunConfig) -> None:
+        super().__init__()
+        self.rd, self.state, self.patience, self.config = rd, dict(state), patience, config
+        self._t0 = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t0 = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = dict(logs or {})
+        lr = float(np.asarray(self.model.optimizer.learning_rate))
+        logs["learning_rate"] = lr
+        history = self.state.setdefault("history", {})
+        for key, value in logs.items():
+            history.setdefault(key, []).append(float(value))
+        self.state["train_seconds"] = float(self.state.get("train_seconds", 0.0)) + time.perf_counter() - self._t0
+        val_loss = float(logs.get("val_loss", float("nan")))
+        best = self.state.get("best_val_loss")
+        if math.isfinite(val_loss) and (best is None or val_loss < best - 1e-7):
+            self.state.update(best_val_loss=val_loss, best_epoch=epoch, wait=0)
+            _save_model(self.model, self.rd.model_path)
+        else:
+            self.state["wait"] = int(self.state.get("wait", 0)) + 1
+        self.state["epoch"] = epoch
+        _save_model(self.model, self.rd.last_model_path)
+        if self.state["wait"] >= self.patience:
+            self.state["stopped_early"] = True
+            self.model.stop_training = True
+            log.info("early stopping after epoch %d: no val_loss improvement for %d epochs", epoch + 1, self.patience)
+        write_json(self.rd.state_path, self.state)
+        log.info("epoch %d/%d: loss %.4f acc %.4f val_loss %.4f val_acc %.4f lr %.2e", epoch + 1, self.config.epochs,
+                 logs.get("loss", float("nan")), logs.get("accuracy", float("nan")), val_loss,
+                 logs.get("val_accuracy", float("nan")), lr)
+
+    def finish(self, devices: str) -> None:
+        """Mark the run finished and write history.json (+ the training-curves plot)."""
+        if not self.rd.model_path.exists():
+            raise DatasetError("training produced no finite validation loss, so no best checkpoint was saved",
+                               hint="lower --lr; check the images and labels")
+        self.state["finished"] = True
+        write_json(self.rd.state_path, self.state)
+        history = {
+            "history": self.state.get("history", {}),
+            "epochs_run": int(self.state["epoch"]) + 1,
+            "best_epoch": None if self.state.get("best_epoch") is None else int(self.state["best_epoch"]) + 1,
+            "best_val_loss": self.state.get("best_val_loss"),
+            "stopped_early": bool(self.state.get("stopped_early", False)),
+            "train_seconds": round(float(self.state.get("train_seconds", 0.0)), 2),
+            "devices": devices,
+        }
+        write_json(self.rd.history_path, history)
+        from .plots import training_curves
+
+        training_curves(history["history"], self.rd.plots_dir / "training_curves.png")
+
+
+class TqdmProgress(keras.callbacks.Callback):
+    """Per-epoch tqdm bar on stderr."""
+
+    def __init__(self, steps: int, epochs: int) -> None:
+        super().__init__()
+        self.steps, self.epochs, self.bar = steps, epochs, None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.bar = tqdm(total=self.steps, desc=f"epoch {epoch + 1}/{self.epochs}", unit="batch", file=sys.stderr,
+                        leave=False, mininterval=1.0)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.bar.update(1)
+        if logs and batch % 5 == 0:
+            self.bar.set_postfix(loss=f"{float(logs.get('loss', 0)):.3f}", acc=f"{float(logs.get('accuracy', 0)):.3f}")
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _save_model(model, path: Path) -> None:
+    tmp = path.with_name(path.stem + ".tmp.keras")
+    model.save(tmp)
+    tmp.replace(path)

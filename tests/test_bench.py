@@ -1,0 +1,286 @@
+"""``leukoedge bench``: latency and app benchmarks produce well-formed reports.
+
+Real parts only: tiny bundles made by a real TF conversion (tests/bundle_factory),
+the real LiteRT interpreter, and the real Flask app served by waitress on a
+loopback port. No timing thresholds: only structure, ordering and counts.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from leukoedge.bench import cli as bench_cli
+from leukoedge.bench.app import AppBenchConfig, check_loopback, multipart_body, run_app_bench
+from leukoedge.bench.images import bench_images, from_folder, noise_images
+from leukoedge.bench.latency import LatencyConfig, parse_int_list, run_latency
+from leukoedge.bench.machine import cpu_model, describe_machine, machine_info, peak_rss_bytes
+from leukoedge.bench.report import app_markdown, latency_markdown, md_table, write_atomic
+from leukoedge.bench.stats import summarise
+from leukoedge.errors import UsageError
+
+REQUIRED_KEYS = ("p50_ms", "p90_ms", "p99_ms", "throughput_ips", "model_bytes", "threads", "runtime",
+                 "runtime_version", "delegate", "ratio_to_first", "stages")
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory) -> tuple[Path, Path]:
+    """Two real bundles of one tiny run: int8 with the heatmap output, float32 without."""
+    from bundle_factory import make_tiny_bundle, make_tiny_run
+
+    root = tmp_path_factory.mktemp("bench-bundles")
+    run_dir = make_tiny_run(root)
+    first = make_tiny_bundle(root, quantize="int8", with_heatmap=True, run_dir=run_dir)
+    second = make_tiny_bundle(root, quantize="none", with_heatmap=False, run_dir=run_dir)
+    return Path(first), Path(second)
+
+
+def _check_percentiles(entry: dict) -> None:
+    assert entry["p50_ms"] <= entry["p90_ms"] <= entry["p99_ms"]
+    if "min_ms" in entry:
+        assert entry["min_ms"] <= entry["p50_ms"] and entry["p99_ms"] <= entry["max_ms"]
+
+
+# -- latency ----------------------------------------------------------------
+@pytest.mark.slow
+def test_latency_report_is_well_formed_and_interleaved(bundles):
+    config = LatencyConfig(runs=6, warmup=1, threads=(1, 2), progress=False)
+    report = run_latency(bundles, config, noise_images(2, side=48))
+    assert report["kind"] == "latency" and report["interleaved"] is True
+    assert report["config"]["threads"] == [1, 2]
+    assert {"cpu_model", "cores", "os", "python", "date_utc"} <= set(report["machine"])
+    assert len(report["results"]) == 4  # 2 bundles x 2 thread counts
+    for r in report["results"]:
+        assert set(REQUIRED_KEYS) <= set(r)
+        _check_percentiles(r)
+        for stage in ("preprocess", "invoke", "postprocess", "end_to_end"):
+            assert r["stages"][stage]["n"] == 6
+            _check_percentiles(r["stages"][stage])
+        assert r["model_bytes"] == (Path(r["bundle"]) / "model.tflite").stat().st_size
+        assert r["throughput_ips"] > 0
+        assert r["runtime"] in ("ai-edge-litert", "tflite-runtime")
+        assert r["delegate"] == "cpu"
+    first = [r for r in report["results"] if r["bundle"] == str(bundles[0])]
+    assert [r["ratio_to_first"] for r in first] == [1.0, 1.0]
+    assert [r["invoke_ratio_to_first"] for r in first] == [1.0, 1.0]
+    by_bundle = {r["bundle"]: r["heatmap"] for r in report["results"]}
+    assert by_bundle == {str(bundles[0]): True, str(bundles[1]): False}
+    assert report["peak_rss_bytes"] > 0
+    json.loads(json.dumps(report))  # JSON-serialisable as is
+    md = latency_markdown(report, "leukoedge bench latency a b")
+    assert md.startswith("# Latency") and "Research use only" in md
+    assert md.count("\n| ") >= 4 + 1 and "end-to-end p50 ms" in md
+
+
+@pytest.mark.slow
+def test_cli_latency_writes_json_and_markdown(bundles, tmp_path, capsys):
+    out_json = tmp_path / "lat.json"
+    code = bench_cli.main(["latency", str(bundles[0]), "--runs", "3", "--warmup", "0", "--threads", "1",
+                           "--json", "--out", str(out_json), "--quiet", "--no-heatmap"])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    saved = json.loads(out_json.read_text())
+    assert printed["results"][0]["p50_ms"] == saved["results"][0]["p50_ms"]
+    assert saved["results"][0]["heatmap"] is False
+    out_md = tmp_path / "lat.md"
+    assert bench_cli.main(["latency", str(bundles[0]), "--runs", "2", "--warmup", "0", "--quiet",
+                           "--out", str(out_md)]) == 0
+    assert out_md.read_text().startswith("# Latency")
+
+
+@pytest.mark.slow
+def test_latency_uses_images_from_a_folder(bundles, tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(np.full((60, 80, 3), 200, np.uint8)).save(folder / "a.png")
+    (folder / "b.jpg").write_text("not an image")  # skipped, not fatal
+    images = from_folder(folder)
+    assert images.source == "folder" and len(images.images) == 1
+    report = run_latency([bundles[1]], LatencyConfig(runs=2, warmup=0, progress=False), images)
+    assert report["images"]["source"] == "folder" and report["results"][0]["stages"]["end_to_end"]["n"] == 2
+
+
+@pytest.mark.parametrize("kwargs", [{"runs": 0}, {"warmup": -1}, {"threads": ()}, {"threads": (1, 1)},
+                                    {"threads": (0,)}])
+def test_latency_config_rejects_bad_values(kwargs):
+    with pytest.raises(UsageError):
+        LatencyConfig(**kwargs)
+
+
+def test_latency_rejects_duplicate_and_missing_bundles(tmp_path):
+    images = noise_images(1, side=32)
+    with pytest.raises(UsageError):
+        run_latency([tmp_path, tmp_path], LatencyConfig(progress=False), images)
+    with pytest.raises(UsageError):
+        run_latency([], LatencyConfig(progress=False), images)
+
+
+def test_parse_int_list():
+    assert parse_int_list("1,2, 4", "--threads") == (1, 2, 4)
+    for bad in ("", "a", "1,,x"):
+        with pytest.raises(UsageError):
+            parse_int_list(bad, "--threads")
+
+
+def test_images_sources(tmp_path):
+    assert noise_images(2, side=32).images == noise_images(2, side=32).images  # deterministic bytes
+    default = bench_images(None, n=2)
+    assert default.source in ("synthetic", "noise") and len(default.images) == 2
+    for data in default.images:
+        assert Image.open(io.BytesIO(data)).size[0] > 0
+    with pytest.raises(UsageError):
+        from_folder(tmp_path / "missing")
+    with pytest.raises(UsageError):
+        from_folder(tmp_path)  # exists, no images
+
+
+# -- statistics, machine, reports ------------------------------------------
+def test_summarise_orders_percentiles_and_refuses_nothing():
+    s = summarise([5.0, 1.0, 9.0, 3.0, 100.0])
+    assert s["min_ms"] <= s["p50_ms"] <= s["p90_ms"] <= s["p99_ms"] <= s["max_ms"] and s["n"] == 5
+    with pytest.raises(UsageError):
+        summarise([])
+
+
+def test_machine_info_and_cpu_model_parsing():
+    info = machine_info()
+    assert info["cores"] >= 1 and info["python"].count(".") == 2
+    assert peak_rss_bytes() > 0
+    assert "cores" in describe_machine(info)
+    pi = "processor\t: 0\nBogoMIPS\t: 108.00\nHardware\t: BCM2835\nModel\t\t: Raspberry Pi 5 Model B Rev 1.0\n"
+    assert cpu_model(pi) == "Raspberry Pi 5 Model B Rev 1.0"
+    assert cpu_model("processor\t: 0\nmodel name\t: Intel(R) Xeon(R)\n") == "Intel(R) Xeon(R)"
+
+
+def test_md_table_and_atomic_write(tmp_path):
+    table = md_table(("a", "b"), [(1.234, None), ("x|y", 2)])
+    assert table.splitlines()[2] == "| 1.23 | — |" and "x\\|y" in table
+    path = write_atomic(tmp_path / "sub" / "r.md", "hello\n")
+    assert path.read_text() == "hello\n" and list(path.parent.iterdir()) == [path]
+
+
+def test_bench_modules_never_import_tensorflow():
+    code = ("import sys, leukoedge.bench.cli, leukoedge.bench.latency, leukoedge.bench.app, "
+            "leukoedge.bench.images, leukoedge.bench.machine, leukoedge.bench.report, leukoedge.runtime; "
+            "sys.exit(1 if any(m.split('.')[0] == 'tensorflow' for m in sys.modules) else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# -- app --------------------------------------------------------------------
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8080", "http://127.9.9.9:1/api/classify", "http://localhost:80",
+                                 "http://[::1]:8080/"])
+def test_loopback_urls_are_accepted(url):
+    scheme, host, port, path = check_loopback(url)
+    assert scheme == "http" and path.endswith("/api/classify") and port > 0
+
+
+@pytest.mark.parametrize("url", ["http://10.0.0.5:8080", "http://example.com", "http://0.0.0.0:80",
+                                 "http://192.168.1.2", "ftp://127.0.0.1/", "127.0.0.1:8080",
+                                 "http://127.0.0.1.example.com/", "http://[::2]:80"])
+def test_non_loopback_urls_are_refused(url):
+    with pytest.raises(UsageError):
+        check_loopback(url)
+    with pytest.raises(UsageError):
+        AppBenchConfig(url=url)
+
+
+def test_cli_app_refuses_remote_host(capsys):
+    assert bench_cli.main(["app", "http://10.1.2.3:8080", "--requests", "1", "--quiet"]) == 2
+    assert "loopback" in capsys.readouterr().err
+
+
+def test_app_config_bounds():
+    for kwargs in ({"requests": 0}, {"requests": 10**6}, {"clients": (0,)}, {"time_limit_s": 0}):
+        with pytest.raises(UsageError):
+            AppBenchConfig(url="http://127.0.0.1:1", **kwargs)
+
+
+def test_multipart_body_shape():
+    body, ctype = multipart_body(b"\x89PNG\r\n\x1a\nrest")
+    boundary = ctype.split("boundary=")[1]
+    assert body.startswith(f"--{boundary}\r\n".encode()) and body.endswith(f"\r\n--{boundary}--\r\n".encode())
+    assert b'name="image"' in body and b"Content-Type: image/png" in body
+
+
+@contextlib.contextmanager
+def _serve(bundle: Path, data_dir: Path, token: str | None = None):
+    """The real app (create_app) served by waitress on a free loopback port."""
+    app_mod = pytest.importorskip("leukoedge.edge_app.app")
+    config_mod = pytest.importorskip("leukoedge.edge_app.config")
+    waitress = pytest.importorskip("waitress")
+    config = config_mod.AppConfig(bundle=bundle, data_dir=data_dir, camera="none", token=token)
+    app = app_mod.create_app(config)
+    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=4)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.effective_port}"
+    finally:
+        server.close()
+        thread.join(timeout=5)
+        app.extensions["leukoedge"].close()
+
+
+@pytest.fixture(scope="module")
+def live_app(bundles, tmp_path_factory):
+    with _serve(bundles[0], tmp_path_factory.mktemp("bench-app-data")) as url:
+        yield url
+
+
+def _jpeg(side: int = 64) -> bytes:
+    return noise_images(1, side=side).images[0]
+
+
+@pytest.mark.slow
+def test_app_bench_against_real_server(live_app):
+    config = AppBenchConfig(url=live_app, clients=(1, 2), requests=4, warmup=1, progress=False)
+    report = run_app_bench(config, _jpeg(), "noise 64x64")
+    assert report["kind"] == "app" and report["endpoint"] == "/api/classify"
+    assert [lv["clients"] for lv in report["levels"]] == [1, 2]
+    for lv in report["levels"]:
+        assert lv["requests"] == 4 and lv["ok"] == 4 and lv["errors"] == 0, lv["status_counts"]
+        assert all(status.startswith("2") for status in lv["status_counts"])
+        _check_percentiles(lv)
+        assert lv["throughput_rps"] > 0 and lv["timed_out"] is False
+        assert "server_latency_p50_ms" in lv
+    md = app_markdown(report)
+    assert md.startswith("# App under load") and "| 2 | 4 | 4 | 0 |" in md
+
+
+@pytest.mark.slow
+def test_app_bench_counts_errors_by_status(live_app):
+    config = AppBenchConfig(url=live_app + "/api/classify", clients=(2,), requests=3, warmup=0, progress=False)
+    report = run_app_bench(config, b"this is not an image", "text")
+    level = report["levels"][0]
+    assert level["ok"] == 0 and level["errors"] == 3
+    assert level["status_counts"] == {"400": 3}
+
+
+@pytest.mark.slow
+def test_app_bench_sends_the_access_token(bundles, tmp_path):
+    token = "bench-token-0123456789"
+    with _serve(bundles[0], tmp_path / "data", token=token) as url:
+        base = {"url": url, "clients": (1,), "requests": 2, "warmup": 0, "progress": False}
+        refused = run_app_bench(AppBenchConfig(**base), _jpeg(), "noise")["levels"][0]
+        assert refused["ok"] == 0 and refused["status_counts"] == {"401": 2}
+        allowed = run_app_bench(AppBenchConfig(**base, token=token), _jpeg(), "noise")["levels"][0]
+        assert allowed["ok"] == 2 and allowed["errors"] == 0
+
+
+# -- benchmarks/ helpers ------------------------------------------------------
+def test_pareto_front_keeps_only_undominated_models(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from pareto import pareto_front
+
+    # (latency, accuracy): b is slower and worse than a; d ties a on latency but is less accurate.
+    points = [(1.0, 0.90), (2.0, 0.85), (3.0, 0.95), (1.0, 0.80), (5.0, 0.95)]
+    assert pareto_front(points) == [0, 2]
+    assert pareto_front([(1.0, 0.5)]) == [0]

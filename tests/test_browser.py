@@ -1,0 +1,106 @@
+"""The real thing: waitress + replay camera + real model, driven by headless Chromium.
+
+Skips cleanly when Debian's chromium is not installed (``python3 tasks.py
+test`` installs it when it can). Set ``LEUKOEDGE_SCREENSHOT_DIR`` to keep the
+result-page screenshot somewhere you can look at it.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from leukoedge.edge_app.server import BackgroundServer
+from leukoedge.preprocess import load_image
+
+pytest_plugins = ["app_fixtures"]  # shared fixtures, registered once per session
+
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+def _chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.skip("Debian chromium is not installed")
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser():
+    executable = _chromium()
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def server(make_app, replay_dir):
+    app = make_app(camera=f"replay:{replay_dir}")
+    with BackgroundServer(app, app.extensions["leukoedge"].config) as srv:
+        yield srv
+
+
+def _image_loaded(page, selector: str) -> None:
+    page.wait_for_function(
+        "sel => { const i = document.querySelector(sel); return i && i.complete && i.naturalWidth > 0; }",
+        arg=selector, timeout=20_000)
+
+
+def test_capture_shows_result_and_heatmap_then_corrupt_upload_shows_error(browser, server, replay_dir,
+                                                                         classifier, tmp_path):
+    context = browser.new_context(viewport={"width": 1280, "height": 860})
+    page = context.new_page()
+    failed: list[str] = []
+    page.on("requestfailed", lambda req: failed.append(req.url) if "stream.mjpg" not in req.url else None)
+    console_errors: list[str] = []
+    page.on("console", lambda msg: console_errors.append(msg.text) if msg.type == "error" else None)
+
+    page.goto(server.url + "/")
+    assert page.locator("#research-notice").is_visible()
+    assert "Research use only — not a diagnosis." in page.locator("#research-notice").inner_text()
+    _image_loaded(page, "#preview")  # the MJPEG live preview shows a frame
+
+    page.get_by_role("button", name="Capture and classify").click()
+    page.wait_for_url(re.compile(r".*/results/[0-9a-f]{32}$"), timeout=30_000)
+    _image_loaded(page, "#heatmap")
+    _image_loaded(page, "#original")
+    first = sorted(replay_dir.iterdir())[0]
+    expected = classifier.classify(load_image(first))
+    verdict = page.locator("#verdict").inner_text()
+    if expected.abstained:
+        assert "not like the images this model was trained on" in verdict.lower()
+    else:
+        assert verdict.strip() == expected.label
+    assert classifier.info()["model"] in page.content()
+
+    shots = Path(os.environ.get("LEUKOEDGE_SCREENSHOT_DIR", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    shot = shots / "result-page.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    assert not failed and not console_errors, (failed, console_errors)  # before the deliberate 400 below
+
+    page.goto(server.url + "/upload")
+    page.set_input_files("#images", files=[{"name": "broken.jpg", "mimeType": "image/jpeg",
+                                            "buffer": b"\xff\xd8\xff\xe0 this is not really a JPEG"}])
+    page.get_by_role("button", name="Upload and classify").click()
+    message = page.locator("#error-message")
+    message.wait_for(timeout=20_000)
+    assert "broken.jpg" in message.inner_text() or "not an image" in message.inner_text() \
+        or "corrupt" in message.inner_text()
+    assert page.locator("#research-notice").is_visible()
+
+    page.goto(server.url + "/history")
+    assert page.locator("img.thumb").count() == 1  # the capture; the corrupt upload stored nothing
+    _image_loaded(page, "img.thumb")
+    assert not failed
+    context.close()

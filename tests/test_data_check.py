@@ -1,0 +1,91 @@
+"""`leukoedge data check` on broken files, duplicates and the real Taleqani set."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_fixtures import make_taleqani, write_image
+from leukoedge.cli import main
+from leukoedge.data.check import check_dataset
+from leukoedge.data.synth import render_field
+
+
+@pytest.fixture()
+def broken(tmp_path):
+    root = make_taleqani(tmp_path / "ds", per_class=4)
+    benign = root / "Original" / "Benign"
+    good = (benign / "WBC-Benign-001.jpg").read_bytes()
+    (benign / "WBC-Benign-101.jpg").write_bytes(good[: len(good) // 2])  # truncated
+    (benign / "WBC-Benign-102.jpg").write_bytes(b"")  # zero bytes
+    (benign / "WBC-Benign-103.jpg").write_text("not really a jpeg\n")  # text named .jpg
+    (benign / "notes.txt").write_text("stray file")
+    buf = io.BytesIO()
+    Image.fromarray(np.full((16, 16), 40000, np.uint16)).save(buf, format="TIFF")
+    (root / "Original" / "Pre" / "WBC-Malignant-Pre-101.tif").write_bytes(buf.getvalue())  # 16-bit: fine
+    Image.fromarray(np.full((16, 16), 90, np.uint8)).save(root / "Original" / "Pre" / "WBC-Malignant-Pre-102.png")
+    Image.fromarray(np.full((16, 16, 4), 90, np.uint8), "RGBA").save(root / "Original" / "Pre" / "WBC-Malignant-Pre-103.png")
+    bomb = root / "Original" / "Pro" / "WBC-Malignant-Pro-101.png"
+    from test_preprocess import _png_header_only
+    bomb.write_bytes(_png_header_only(40000, 40000))
+    shutil.copyfile(root / "Original" / "Pro" / "WBC-Malignant-Pro-001.jpg", root / "Original" / "Pro" / "WBC-Malignant-Pro-102.jpg")
+    shutil.copyfile(root / "Original" / "Pro" / "WBC-Malignant-Pro-002.jpg", root / "Original" / "Early" / "WBC-Malignant-Early-102.jpg")
+    return root
+
+
+def test_report_lists_every_broken_file_and_duplicate(broken):
+    report = check_dataset(broken, progress=False)
+    reasons = {e["path"].rsplit("/", 1)[-1]: e["reason"] for e in report.errors}
+    assert set(reasons) == {"WBC-Benign-101.jpg", "WBC-Benign-102.jpg", "WBC-Benign-103.jpg", "notes.txt",
+                            "WBC-Malignant-Pro-101.png"}
+    assert "empty" in reasons["WBC-Benign-102.jpg"]
+    assert "truncated" in reasons["WBC-Benign-101.jpg"] or "corrupt" in reasons["WBC-Benign-101.jpg"]
+    assert "not an image" in reasons["WBC-Benign-103.jpg"]
+    assert "too large" in reasons["WBC-Malignant-Pro-101.png"] or "bomb" in reasons["WBC-Malignant-Pro-101.png"]
+    assert report.modes.get("I;16") == 1 and report.modes.get("L") == 1 and report.modes.get("RGBA") == 1
+    flat = [sorted(p.rsplit("/", 1)[-1] for p in g) for g in report.duplicates]
+    assert ["WBC-Malignant-Pro-001.jpg", "WBC-Malignant-Pro-102.jpg"] in flat
+    assert len(report.cross_class_duplicates) == 1
+    assert report.duplicates_by_class == {"Pro-B": 1}
+
+
+def test_json_and_strict_exit_codes(broken, capsys):
+    assert main(["data", "check", str(broken), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    for key in ("classes", "duplicates", "near_duplicates", "errors"):
+        assert key in data
+    assert data["classes"]["Benign"] == 7
+    assert all(set(e) == {"path", "reason"} for e in data["errors"])
+    assert main(["data", "check", str(broken), "--strict"]) == 1
+    assert "PROBLEMS FOUND" in capsys.readouterr().out
+
+
+def test_clean_dataset_passes_strict(tmp_path, capsys):
+    root = make_taleqani(tmp_path, per_class=3)
+    assert main(["data", "check", str(root), "--strict"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("OK")
+
+
+def test_near_duplicates_are_found(tmp_path):
+    root = make_taleqani(tmp_path, per_class=3)
+    src = root / "Original" / "Pre" / "WBC-Malignant-Pre-001.jpg"
+    field = render_field("Pre-B", np.random.default_rng(1), 96)
+    Image.fromarray(field).save(src, quality=95)
+    img = Image.fromarray(field).resize((80, 80), Image.Resampling.BICUBIC)
+    img.save(root / "Original" / "Pre" / "WBC-Malignant-Pre-050.jpg", quality=60)  # re-encoded, resized copy
+    report = check_dataset(root, progress=False)
+    names = [sorted(p.rsplit("/", 1)[-1] for p in g) for g in report.near_duplicates]
+    assert ["WBC-Malignant-Pre-001.jpg", "WBC-Malignant-Pre-050.jpg"] in names
+
+
+@pytest.mark.shared
+def test_real_taleqani_has_40_identical_pairs_in_pro(taleqani_dir):
+    report = check_dataset(taleqani_dir, progress=False)
+    assert report.classes == {"Benign": 403, "Early Pre-B": 788, "Pre-B": 770, "Pro-B": 643}
+    assert report.duplicates_by_class == {"Pro-B": 40}
+    assert len(report.duplicates) == 40 and all(len(g) == 2 for g in report.duplicates)
+    assert not report.errors
