@@ -55,6 +55,7 @@ def plot(points: list[dict], fronts: dict[str, list[int]], machine: str, threads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 5), constrained_layout=True)
     panels = (("latency_ms", f"int8 latency p50 per image, {threads} thread(s) (ms)", "latency"),
@@ -75,8 +76,17 @@ def plot(points: list[dict], fronts: dict[str, list[int]], machine: str, threads
         for i, p in enumerate(points):
             ax.annotate(p["model"] + ("" if p["valid"] is not False else " (invalid)"), (xs[i], ys[i]),
                         textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax.set_xscale("log")
-        ax.set_xlabel(label + " (log scale)")
+        # Log scale when the models span more than a decade; a narrow range reads better linear.
+        wide = max(xs) / min(xs) > 10
+        if wide:
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_xlim(min(xs) / 1.6, max(xs) * 1.6)
+        else:
+            ax.set_xlim(0, max(xs) * 1.3)
+        ax.set_ylim(min(ys) - 3, min(100.5, max(ys) + 2))
+        ax.set_xlabel(label + (" (log scale)" if wide else ""))
         ax.set_ylabel("int8 accuracy on the test split (%)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)

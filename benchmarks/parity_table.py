@@ -28,12 +28,18 @@ DEFAULT_MODES = ("int8", "float16", "dynamic")
 
 
 def find_runs(patterns: list[str]) -> list[Path]:
+    """Finished, evaluated run directories (a run still training is skipped, not half-measured)."""
     runs = set()
     for pattern in patterns:
         for p in glob.glob(pattern):
             path = Path(p)
-            if (path / "model.keras").is_file() and (path / "config.json").is_file() and (path / "manifest.json").is_file():
-                runs.add(path.resolve())
+            if not all((path / name).is_file() for name in ("model.keras", "config.json", "manifest.json", "metrics.json")):
+                continue
+            state = path / "state.json"
+            if state.is_file() and not json.loads(state.read_text()).get("finished", False):
+                print(f"skipping {path}: training has not finished")
+                continue
+            runs.add(path.resolve())
     return sorted(runs)
 
 
@@ -88,13 +94,13 @@ def markdown(rows: list[dict]) -> str:
         "Float Keras model vs the converted model run through the device runtime (LiteRT), "
         "on each run's test split; gate: accuracy drop <= 1 point and top-1 agreement >= 0.99.",
         "",
-        "| model | mode | input | split | test images | float acc | converted acc | drop (points) "
+        "| run | model | mode | input | split | test images | float acc | converted acc | drop (points) "
         "| float / conv. macro-F1 | agreement | mean KL | float32 size | converted size | ratio | gate |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['mode']} | {r['input']} | {r['split_kind']} | {r['n_test']} "
+            f"| {r['run']} | {r['model']} | {r['mode']} | {r['input']} | {r['split_kind']} | {r['n_test']} "
             f"| {r['float_accuracy']:.4f} | {r['quant_accuracy']:.4f} | {r['delta_accuracy']:+.2f} "
             f"| {r['float_macro_f1']:.4f} / {r['quant_macro_f1']:.4f} | {r['agreement']:.4f} | {r['mean_kl']:.5f} "
             f"| {r['float32_bytes'] / 1e6:.2f} MB | {r['converted_bytes'] / 1e6:.2f} MB | {r['ratio']:.2f}x "
@@ -105,13 +111,17 @@ def markdown(rows: list[dict]) -> str:
         "Per-class agreement (true label):",
         "",
         *[
-            f"- {r['model']} {r['mode']}: "
+            f"- {r['run']} {r['mode']}: "
             + ", ".join(f"{c} {a:.3f}" for c, a in r["per_class_agreement"].items())
             for r in rows
         ],
         "",
-        "Accuracy on a 'random' split overstates real-world accuracy (neighbouring captures leak); "
-        "the float-vs-converted agreement is what this table is about. Research use only; not a diagnostic device.",
+        *(
+            ["Accuracy on a 'random' split overstates real-world accuracy (neighbouring captures leak); "
+             "the float-vs-converted agreement is what this table is about.", ""]
+            if any(r["split_kind"] == "random" for r in rows) else []
+        ),
+        "Research use only; not a diagnostic device.",
     ]
     return "\n".join(lines)
 

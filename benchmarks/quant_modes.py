@@ -59,7 +59,9 @@ def measure(work: Path, modes: list[str], runs: int, warmup: int, threads: tuple
             "model_bytes": (path / "model.tflite").stat().st_size,
             "float_accuracy": parity.get("float_accuracy"),
             "accuracy": parity.get("quant_accuracy"),
-            "delta_accuracy": parity.get("delta_accuracy"),
+            # computed here (points, quantised minus float) rather than trusting a field's sign convention
+            "delta_points": (None if parity.get("quant_accuracy") is None or parity.get("float_accuracy") is None
+                             else round(100 * (parity["quant_accuracy"] - parity["float_accuracy"]), 4)),
             "agreement": parity.get("agreement"),
         }
         for r in latency["results"]:
@@ -83,7 +85,7 @@ def markdown(result: dict) -> str:
         headers += [f"p50 ms ({t} thr)", f"invoke p50 ms ({t} thr)", f"latency ratio ({t} thr)"]
     rows = []
     for r in result["rows"]:
-        delta = None if r["delta_accuracy"] is None else f"{100 * r['delta_accuracy']:+.2f}"
+        delta = None if r["delta_points"] is None else f"{r['delta_points']:+.2f}"
         row = [r["mode"], "yes" if r["valid"] else "NO", fmt_bytes(r["model_bytes"]), r["size_ratio"],
                pct(r["accuracy"]), delta, None if r["agreement"] is None else f"{r['agreement']:.4f}"]
         for t in result["threads"]:

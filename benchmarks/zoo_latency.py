@@ -41,9 +41,11 @@ def convert_runs(pattern: str, out_dir: Path, modes: tuple[str, ...] = ("int8", 
     fails the parity gate still yields a bundle marked invalid: it is measured
     and flagged, because hiding it would hide the very failure the gate found.
     """
-    runs = sorted(Path(p) for p in glob.glob(pattern) if (Path(p) / "model.keras").is_file())
+    # metrics.json is written by evaluation at the end of training: a run still training has none.
+    runs = sorted(Path(p) for p in glob.glob(pattern)
+                  if (Path(p) / "model.keras").is_file() and (Path(p) / "metrics.json").is_file())
     if not runs:
-        raise SystemExit(f"no run directories with model.keras match {pattern!r}")
+        raise SystemExit(f"no finished run directories (model.keras + metrics.json) match {pattern!r}")
     for run_dir in runs:
         for mode in modes:
             dest = out_dir / run_dir.name / ("float32" if mode == "none" else mode)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bundle_factory import CLASSES, draw_cell, make_tiny_bundle
+from bundle_factory import CLASSES, draw_cell, shared_tiny_bundle
 
 __all__ = ["tiny_bundle", "classifier", "replay_dir", "make_app", "app", "client"]
 
@@ -26,7 +26,7 @@ REPLAY_SIZE = 64
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory) -> Path:
-    return make_tiny_bundle(tmp_path_factory.mktemp("edge-bundle"))
+    return shared_tiny_bundle(tmp_path_factory)  # trained once per session, shared with other test files
 
 
 @pytest.fixture(scope="session")

@@ -34,12 +34,10 @@ REQUIRED_KEYS = ("p50_ms", "p90_ms", "p99_ms", "throughput_ips", "model_bytes", 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory) -> tuple[Path, Path]:
     """Two real bundles of one tiny run: int8 with the heatmap output, float32 without."""
-    from bundle_factory import make_tiny_bundle, make_tiny_run
+    from bundle_factory import shared_tiny_bundle
 
-    root = tmp_path_factory.mktemp("bench-bundles")
-    run_dir = make_tiny_run(root)
-    first = make_tiny_bundle(root, quantize="int8", with_heatmap=True, run_dir=run_dir)
-    second = make_tiny_bundle(root, quantize="none", with_heatmap=False, run_dir=run_dir)
+    first = shared_tiny_bundle(tmp_path_factory, "int8", True)  # the session's tiny run, trained once
+    second = shared_tiny_bundle(tmp_path_factory, "none", False)
     return Path(first), Path(second)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_fixtures import make_taleqani, write_image
+from data_fixtures import make_taleqani
 from leukoedge.cli import main
 from leukoedge.data.check import check_dataset
 from leukoedge.data.synth import render_field
@@ -89,3 +89,17 @@ def test_real_taleqani_has_40_identical_pairs_in_pro(taleqani_dir):
     assert report.duplicates_by_class == {"Pro-B": 40}
     assert len(report.duplicates) == 40 and all(len(g) == 2 for g in report.duplicates)
     assert not report.errors
+
+
+def test_distinct_fields_with_the_same_illumination_are_not_near_duplicates(tmp_path):
+    """pHash alone collides on smooth fields; the thumbnail correlation must veto that."""
+    from leukoedge.data.hashing import NEAR_DUPLICATE_BITS, fingerprint, hamming, near_duplicate_pairs
+
+    fields = [render_field("Benign", np.random.default_rng([5, i]), 96) for i in range(60)]
+    prints = [fingerprint(f) for f in fields]
+    hashes, thumbs = [p[0] for p in prints], [p[1] for p in prints]
+    assert near_duplicate_pairs(hashes, thumbs=thumbs) == []
+    copy = np.asarray(Image.fromarray(fields[0]).resize((90, 90), Image.Resampling.BILINEAR))
+    h, t = fingerprint(copy)
+    assert hamming(h, hashes[0]) <= NEAR_DUPLICATE_BITS
+    assert near_duplicate_pairs([hashes[0], h], thumbs=[thumbs[0], t]) == [(0, 1)]

@@ -31,6 +31,22 @@ def test_taleqani_segmented_variant_is_not_mixed_in(tmp_path):
     assert not any(r.path.startswith("Segmented") for r in records)
 
 
+def test_taleqani_segmented_variant_on_request_or_when_alone(tmp_path):
+    make_taleqani(tmp_path / "both")
+    make_taleqani(tmp_path / "seg")
+    for root in (tmp_path / "both", tmp_path / "seg"):
+        for folder, stem in (("Benign", "WBC-Benign"), ("Early", "WBC-Malignant-Early"),
+                             ("Pre", "WBC-Malignant-Pre"), ("Pro", "WBC-Malignant-Pro")):
+            write_image(root / "Segmented" / folder / f"{stem}-001.jpg", 900 + len(stem))
+    (tmp_path / "seg" / "Original").rename(tmp_path / "seg-original-moved")
+    layout, records = read_dataset(tmp_path / "both", "taleqani-segmented")
+    assert layout == "taleqani-segmented" and len(records) == 4
+    assert all(r.path.startswith("Segmented/") for r in records)
+    assert read_dataset(tmp_path / "both")[0] == "taleqani"
+    layout, records = read_dataset(tmp_path / "seg")
+    assert layout == "taleqani-segmented" and {r.label for r in records} == {"Benign", "Early Pre-B", "Pre-B", "Pro-B"}
+
+
 def test_cnmc_groups_are_patients(tmp_path):
     layout, records = read_dataset(make_cnmc(tmp_path))
     assert layout == "cnmc"
@@ -107,3 +123,27 @@ def test_empty_or_missing_folder(tmp_path):
         read_dataset(tmp_path / "absent")
     with pytest.raises(DatasetError):
         read_dataset(tmp_path)
+
+
+def test_forcing_the_wrong_layout_says_nothing_was_found(tmp_path):
+    make_taleqani(tmp_path)
+    for name in ("cnmc", "allidb", "four-type"):
+        with pytest.raises(DatasetError, match=f"no images found in the {name} layout"):
+            read_dataset(tmp_path, name)
+
+
+def test_layouts_command_lists_every_registered_layout(capsys):
+    from leukoedge.cli import main
+    from leukoedge.data.readers import list_layouts
+
+    assert main(["data", "list-layouts"]) == 0
+    out = capsys.readouterr().out
+    assert all(layout.name in out for layout in list_layouts())
+
+
+def test_dataset_under_a_hidden_folder_is_read_but_hidden_files_are_not(tmp_path):
+    root = make_four_type(tmp_path / ".cache" / "leukemia")
+    write_image(root / "ALL" / ".thumb.jpg", 77)
+    write_image(root / "AML" / ".ipynb_checkpoints" / "x.jpg", 78)
+    layout, records = read_dataset(root)
+    assert layout == "four-type" and len(records) == 16

@@ -10,7 +10,7 @@ from data_fixtures import make_cnmc, make_taleqani
 from leukoedge.cli import main
 from leukoedge.data.records import Manifest
 from leukoedge.data.split import make_manifest
-from leukoedge.errors import ManifestError, UsageError
+from leukoedge.errors import DatasetError, ManifestError, UsageError
 
 
 def _splits_of(manifest, names):
@@ -45,6 +45,17 @@ def test_group_split_keeps_patients_together(tmp_path):
         where.setdefault(e.group, set()).add(e.split)
     assert all(len(s) == 1 for s in where.values())
     assert {e.split for e in m.entries} == {"train", "val", "test"}
+
+
+def test_a_duplicate_across_patients_ties_both_patients_to_one_split(tmp_path):
+    root = make_cnmc(tmp_path)
+    hem = root / "training_data" / "fold_0" / "hem"
+    shutil.copyfile(root / "training_data" / "fold_2" / "all" / "UID_3_0_1_all.bmp", hem / "UID_H10_5_1_hem.bmp")
+    for seed in range(6):
+        m = make_manifest(root, val=0.2, test=0.2, seed=seed, progress=False)
+        patients = {e.group for e in m.entries if e.group in ("patient-3", "patient-H10")}
+        assert patients == {"patient-3", "patient-H10"}
+        assert len({e.split for e in m.entries if e.group in patients}) == 1
 
 
 def test_group_split_refused_without_groups(tmp_path):
@@ -84,7 +95,7 @@ def test_bad_fractions_and_tiny_classes(tmp_path):
     root = make_taleqani(tmp_path, per_class=2)
     with pytest.raises(UsageError):
         make_manifest(root, val=0.5, test=0.5, progress=False)
-    with pytest.raises(Exception, match="fewer than 3"):
+    with pytest.raises(DatasetError, match="fewer than 3"):
         make_manifest(root, progress=False)
 
 
@@ -98,3 +109,18 @@ def test_tampered_manifest_is_refused(tmp_path):
     data["entries"][0]["split"] = "test"
     with pytest.raises(ManifestError, match="straddles"):
         Manifest.from_dict(data)
+
+
+@pytest.mark.shared
+def test_real_taleqani_block_split_keeps_identical_pairs_together_and_tests_the_last_block(taleqani_dir):
+    m = make_manifest(taleqani_dir, progress=False)
+    assert m.split_kind == "block" and not m.leaky
+    pro = {e.order: e.split for e in m.entries if e.label == "Pro-B"}
+    from leukoedge.data.check import check_dataset  # noqa: PLC0415 - only for the expected pairs
+
+    pairs = check_dataset(taleqani_dir, progress=False).duplicates
+    assert len(pairs) == 40
+    by_path = {e.path: e.split for e in m.entries}
+    assert all(len({by_path[p] for p in group}) == 1 for group in pairs)
+    last = max(pro)
+    assert pro[last] == "test" and pro[min(pro)] == "train"

@@ -50,7 +50,8 @@ def test_compare_catches_drop_and_disagreement_and_lists_worst():
     assert not r.passed and len(r.reasons) == 2
     assert r.delta_accuracy == pytest.approx(20.0) and r.agreement == pytest.approx(0.8)
     assert r.per_class_agreement["b"] == pytest.approx(1 / 3) and r.per_class_agreement["a"] == 1.0
-    assert {w["path"] for w in r.worst[:2]} == {"1.png", "4.png"} and not r.worst[0]["agree"]
+    assert {w["path"] for w in r.worst[:2]} == {"1.png", "4.png"} and not r.worst[1]["agree"]
+    assert r.worst[2]["agree"]
     assert "FAILED" in r.to_markdown()
     # a generous gate lets the same result through
     ok = parity.compare(_onehot(y), _onehot(quant_pred), y, ["a", "b", "c"], [str(i) for i in range(10)],

@@ -4,9 +4,11 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import pytest
 
 from leukoedge.data.readers import read_dataset
 from leukoedge.data.synth import STYLES, generate, render_field
+from leukoedge.errors import DatasetError, UsageError
 from leukoedge.preprocess import load_image
 
 
@@ -52,3 +54,15 @@ def test_classes_differ_in_morphology_not_in_overall_colour():
     # white-cell area grows from Benign through Early, Pre to Pro-B on average (morphology carries the label)
     size = [per_class[c][1].mean() for c in STYLES]
     assert size == sorted(size) and size[-1] > size[0] * 1.3
+
+
+def test_rerun_is_idempotent_but_a_stale_larger_set_is_refused(tmp_path):
+    first = generate(tmp_path, 8, size=32)
+    again = generate(tmp_path, 8, size=32)
+    assert _digest(first) == _digest(again)
+    with pytest.raises(DatasetError, match="would not write"):
+        generate(tmp_path, 4, size=32)
+    with pytest.raises(UsageError):
+        generate(tmp_path / "x", 3)
+    with pytest.raises(UsageError):
+        generate(tmp_path / "y", 8, size=8)

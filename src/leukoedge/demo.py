@@ -37,10 +37,10 @@ def register(subparsers) -> None:
         description=__doc__.split("\n\n")[0] + " " + RESEARCH_NOTICE,
     )
     p.add_argument("--out", type=Path, default=Path("demo-output"), help="working folder (default: demo-output)")
-    p.add_argument("--images", type=int, default=800, help="synthetic images to generate (default 800)")
+    p.add_argument("--images", type=int, default=1200, help="synthetic images to generate (default 1200)")
     p.add_argument("--model", default="leuko-tiny", help="registry model to train (default leuko-tiny)")
-    p.add_argument("--input-size", type=int, default=96, help="model input size in px (default 96)")
-    p.add_argument("--epochs", type=int, default=25, help="maximum training epochs (default 25)")
+    p.add_argument("--input-size", type=int, default=128, help="model input size in px (default 128)")
+    p.add_argument("--epochs", type=int, default=40, help="maximum training epochs (default 40)")
     p.add_argument("--seed", type=int, default=0, help="seed for data and training (default 0)")
     p.add_argument("--port", type=int, default=8080, help="port for the app (default 8080)")
     p.add_argument("--no-serve", action="store_true", help="stop after the benchmark instead of serving the app")
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     if not (run_dir / "model.keras").exists() or not (run_dir / "metrics.json").exists():
         _call([
             "train", "--data", str(data), "--manifest", str(manifest), "--model", args.model,
-            "--input-size", str(args.input_size), "--epochs", str(args.epochs), "--seed", str(args.seed),
+            "--input-size", str(args.input_size), "--epochs", str(args.epochs), "--patience", "10", "--seed", str(args.seed),
             "--out", str(run_dir), *(["--resume"] if (run_dir / "last.keras").exists() else []),
         ])
     else:

@@ -292,6 +292,9 @@ class MacenkoTarget:
 
 
 #: Taleqani sample (see module docstring), classes pooled, via fit_macenko_target.
+#: On Wright-Giemsa the first vector is the violet nuclear stain; the second comes
+#: out close to neutral density (pale cytoplasm and erythrocytes), so Macenko's
+#: two-stain model is an approximation here, good enough to fix batch-level colour.
 DEFAULT_MACENKO_TARGET = MacenkoTarget(
     stain_matrix=((0.7226, 0.5678), (0.6723, 0.5881), (0.1605, 0.5760)), max_concentrations=(1.1320, 0.2796)
 )

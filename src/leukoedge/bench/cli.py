@@ -75,8 +75,9 @@ def _command_line(args: argparse.Namespace) -> str:
 def _emit(report: dict, args: argparse.Namespace, markdown) -> None:
     from .report import to_json, write_atomic
 
-    text_json = to_json(report)
-    text_md = markdown(report, _command_line(args))
+    command = _command_line(args)
+    text_json = to_json({"command": command, **report})
+    text_md = markdown(report, command)
     if args.out:
         out = Path(args.out)
         write_atomic(out, text_json if out.suffix.lower() == ".json" else text_md)
@@ -90,8 +91,7 @@ def _latency(args: argparse.Namespace) -> int:
 
     config = LatencyConfig(runs=args.runs, warmup=args.warmup, threads=parse_int_list(args.threads, "--threads"),
                            edgetpu=args.edgetpu, allow_invalid=args.allow_invalid,
-                           heatmap=not args.no_heatmap,
-                           progress=not args.quiet)
+                           heatmap=not args.no_heatmap, progress=not args.quiet)
     images = bench_images(args.images)
     report = run_latency(args.bundles, config, images)
     _emit(report, args, latency_markdown)

@@ -5,7 +5,7 @@ JPEG decoding exactly as on the device. Sources, in order of preference:
 
 1. ``--images DIR``: up to ``limit`` image files from a folder (recursively, evenly spaced
    over the sorted names, so every class folder contributes);
-2. the synthetic smear generator ``leukoedge.data.synth`` when it is installed;
+2. the synthetic smear generator ``leukoedge.data.synth`` (always part of the package);
 3. a fixed, seeded noise image (always available; deterministic bytes).
 
 What can fail: an ``--images`` folder that does not exist or holds no readable
@@ -13,7 +13,6 @@ image raises :class:`~leukoedge.errors.UsageError`.
 """
 from __future__ import annotations
 
-import importlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,57 +78,16 @@ def noise_images(n: int = 4, side: int = DEFAULT_SIDE, seed: int = 0) -> BenchIm
 
 
 def synthetic_images(n: int = 4, side: int = DEFAULT_SIDE, seed: int = 0) -> BenchImages | None:
-    """Smears from ``leukoedge.data.synth`` when that module offers a generator, else None.
-
-    The generator is looked up by a few plausible names so the benchmark keeps
-    working while that module evolves; a missing module is not an error.
-    """
+    """Smear fields from :func:`leukoedge.data.synth.render_field`, one class after another,
+    JPEG-encoded as the generator writes them; None when that module is not installed."""
     try:
-        synth = importlib.import_module("leukoedge.data.synth")
+        from ..data import synth
     except ImportError:
         return None
-    images = _call_generator(synth, n, side, seed)
-    if not images:
-        return None
-    return BenchImages(tuple(images), "synthetic", f"{len(images)} synthetic smear JPEG {side}x{side} (seed {seed})")
-
-
-def _call_generator(synth: object, n: int, side: int, seed: int) -> list[bytes]:
-    """Ask ``synth`` for ``n`` images; understands array, PIL and bytes results."""
-    out: list[bytes] = []
-    for name in ("generate_field", "render_field", "synth_field", "make_field", "generate_image", "render_image"):
-        fn = getattr(synth, name, None)
-        if not callable(fn):
-            continue
-        rng = np.random.default_rng(seed)
-        for i in range(n):
-            result = None
-            for kwargs in ({"label": i % 4, "size": side, "rng": rng},
-                           {"label": i % 4, "size": side, "seed": seed + i},
-                           {"size": side, "seed": seed + i}):
-                try:
-                    result = fn(**kwargs)
-                    break
-                except TypeError:
-                    continue
-            encoded = _to_jpeg(result)
-            if encoded is None:
-                return []
-            out.append(encoded)
-        return out
-    return out
-
-
-def _to_jpeg(result: object) -> bytes | None:
-    if isinstance(result, tuple) and result:
-        result = result[0]
-    if isinstance(result, (bytes, bytearray)):
-        return bytes(result)
-    if isinstance(result, Image.Image):
-        return _encode_jpeg(np.asarray(result.convert("RGB")))
-    if isinstance(result, np.ndarray) and result.ndim == 3 and result.shape[2] == 3:
-        return _encode_jpeg(result)
-    return None
+    labels = sorted(synth.STYLES)
+    rng = np.random.default_rng(seed)
+    images = tuple(synth.encode_jpeg(synth.render_field(labels[i % len(labels)], rng, size=side)) for i in range(n))
+    return BenchImages(images, "synthetic", f"{n} synthetic smear JPEG {side}x{side} (seed {seed})")
 
 
 def bench_images(folder: str | Path | None = None, n: int = 4, seed: int = 0) -> BenchImages:

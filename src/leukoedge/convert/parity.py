@@ -132,7 +132,7 @@ class ParityReport:
         if self.worst:
             lines += [
                 "",
-                f"## The {len(self.worst)} images where the models disagree most (by KL divergence)",
+                f"## The {len(self.worst)} images where the models disagree most (top-1 flips first, then by KL divergence)",
                 "",
                 "| image | true | float (p) | converted (p) | KL |",
                 "|---|---|---|---|---|",
@@ -176,7 +176,8 @@ def compare(
         reasons.append(f"accuracy dropped {delta:.2f} points (more than --max-drop {max_drop:g})")
     if round(agreement, 6) < min_agreement:
         reasons.append(f"top-1 agreement {agreement:.4f} is below --min-agreement {min_agreement:g}")
-    order = np.argsort(-kl, kind="stable")[:worst]
+    # Top-1 flips first (they are what the gate counts), then the largest divergences.
+    order = np.lexsort((-kl, agree))[:worst]
     worst_rows = [
         {
             "path": paths[i],

@@ -13,9 +13,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import InvalidImageError
 from ..preprocess import open_image, to_rgb
-from .hashing import group_pairs, near_duplicate_pairs, phash, sha256_file
+from .hashing import fingerprint, group_pairs, near_duplicate_pairs, sha256_file
 from .readers import IMAGE_SUFFIXES, read_dataset
 from .records import Record
 
@@ -32,6 +34,7 @@ class ImageFacts:
     mode: str | None = None
     format: str | None = None
     error: str | None = None
+    thumb: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
 def scan(root: Path, records: list[Record], *, progress: bool = True) -> list[ImageFacts]:
@@ -47,7 +50,9 @@ def scan(root: Path, records: list[Record], *, progress: bool = True) -> list[Im
         try:
             digest = sha256_file(path)
             img = open_image(path)
-            facts = ImageFacts(rec, digest, phash(to_rgb(img)), img.width, img.height, img.mode, img.format)
+            hash64, thumb = fingerprint(to_rgb(img))
+            fmt = img.format or path.suffix.lstrip(".").upper()  # EXIF-rotated copies lose .format
+            facts = ImageFacts(rec, digest, hash64, img.width, img.height, img.mode, fmt, thumb=thumb)
         except InvalidImageError as err:
             out.append(ImageFacts(rec, error=err.message.split(": ", 1)[-1]))
             continue
@@ -68,7 +73,7 @@ def duplicate_groups(facts: list[ImageFacts]) -> tuple[list[list[int]], list[lis
     for i in ok:
         by_hash.setdefault(facts[i].sha256, []).append(i)
     exact = sorted((g for g in by_hash.values() if len(g) > 1), key=lambda g: g[0])
-    pairs = near_duplicate_pairs([facts[i].phash for i in ok])
+    pairs = near_duplicate_pairs([facts[i].phash for i in ok], thumbs=[facts[i].thumb for i in ok])
     near = []
     for group in group_pairs(len(ok), pairs):
         members = [ok[j] for j in group]

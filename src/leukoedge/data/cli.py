@@ -38,7 +38,7 @@ def register(subparsers) -> None:
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=_synth)
 
-    layouts = sub.add_parser("layouts", help="list the dataset layouts that are recognised")
+    layouts = sub.add_parser("layouts", aliases=["list-layouts"], help="list the dataset layouts that are recognised")
     layouts.set_defaults(func=_layouts)
 
 
@@ -76,5 +76,5 @@ def _layouts(args: argparse.Namespace) -> int:
     from .readers import list_layouts
 
     for layout in list_layouts():
-        print(f"{layout.name:<14} {layout.description}")
+        print(f"{layout.name:<19} {layout.description}")
     return 0

@@ -5,7 +5,14 @@
   the signs of the 8x8 lowest-frequency DCT coefficients against their median.
   Re-encoding, small resizes and mild colour changes keep the Hamming distance
   small; different fields land around 32 bits apart. Pairs at distance
-  <= :data:`NEAR_DUPLICATE_BITS` are reported as near duplicates.
+  <= :data:`NEAR_DUPLICATE_BITS` are near-duplicate *candidates*.
+- Confirmation: a 64-bit hash of a smooth smear field is dominated by the
+  illumination gradient, so two different fields with the same vignette can
+  collide (seen on synthetic fields). A candidate pair is reported only when
+  the zero-mean, unit-norm 32x32 grayscale thumbnails also correlate at
+  >= :data:`NEAR_DUPLICATE_CORRELATION`. Measured: the real Taleqani near
+  pairs correlate at 0.78-1.00, colliding distinct synthetic fields at
+  0.54-0.62.
 """
 from __future__ import annotations
 
@@ -15,8 +22,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-#: Hamming distance (of 64 bits) at or below which two images are near duplicates.
+#: Hamming distance (of 64 bits) at or below which two images are near-duplicate candidates.
 NEAR_DUPLICATE_BITS = 4
+#: Thumbnail correlation at or above which a candidate pair is confirmed.
+NEAR_DUPLICATE_CORRELATION = 0.75
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -38,10 +47,25 @@ def _dct_matrix(n: int) -> np.ndarray:
 _DCT32 = _dct_matrix(32)
 
 
+def _gray32(rgb: np.ndarray) -> np.ndarray:
+    gray = Image.fromarray(rgb).convert("L").resize((32, 32), Image.Resampling.BILINEAR)
+    return np.asarray(gray, dtype=np.float64)
+
+
+def fingerprint(rgb: np.ndarray) -> tuple[int, np.ndarray]:
+    """(pHash, normalised 32x32 thumbnail as float32 of 1024) of a uint8 RGB array."""
+    pixels = _gray32(rgb)
+    thumb = (pixels - pixels.mean()).ravel()
+    thumb /= np.linalg.norm(thumb) + 1e-9
+    return _phash_of(pixels), thumb.astype(np.float32)
+
+
 def phash(rgb: np.ndarray) -> int:
     """64-bit perceptual hash of a uint8 RGB array."""
-    gray = Image.fromarray(rgb).convert("L").resize((32, 32), Image.Resampling.BILINEAR)
-    pixels = np.asarray(gray, dtype=np.float64)
+    return _phash_of(_gray32(rgb))
+
+
+def _phash_of(pixels: np.ndarray) -> int:
     coeffs = (_DCT32 @ pixels @ _DCT32.T)[:8, :8].ravel()
     bits = coeffs[1:] > np.median(coeffs[1:])  # skip DC: it only encodes brightness
     bits = np.concatenate([[coeffs[0] > 0], bits])
@@ -52,8 +76,12 @@ def hamming(a: int, b: int) -> int:
     return (a ^ b).bit_count()
 
 
-def near_duplicate_pairs(hashes: list[int], max_bits: int = NEAR_DUPLICATE_BITS) -> list[tuple[int, int]]:
-    """Index pairs (i < j) whose hashes differ by at most ``max_bits``.
+def near_duplicate_pairs(hashes: list[int], max_bits: int = NEAR_DUPLICATE_BITS,
+                         thumbs: list[np.ndarray] | None = None,
+                         min_correlation: float = NEAR_DUPLICATE_CORRELATION) -> list[tuple[int, int]]:
+    """Index pairs (i < j) whose hashes differ by at most ``max_bits`` and,
+    when ``thumbs`` (from :func:`fingerprint`) are given, whose thumbnails
+    correlate at ``min_correlation`` or more.
 
     Vectorised over all pairs with a popcount table: fine for tens of
     thousands of images (n^2/2 XORs of uint64).
@@ -67,7 +95,9 @@ def near_duplicate_pairs(hashes: list[int], max_bits: int = NEAR_DUPLICATE_BITS)
         x = h[i] ^ h[i + 1 :]
         dist = table[x.view(np.uint8).reshape(-1, 8)].sum(axis=1)
         for j in np.nonzero(dist <= max_bits)[0]:
-            pairs.append((i, i + 1 + int(j)))
+            k = i + 1 + int(j)
+            if thumbs is None or float(np.dot(thumbs[i], thumbs[k])) >= min_correlation:
+                pairs.append((i, k))
     return pairs
 
 

@@ -51,9 +51,11 @@ def list_layouts() -> list[Layout]:
 
 def _images(folder: Path) -> list[Path]:
     """Image files below ``folder`` (recursively), sorted, hidden files skipped."""
+    # hidden parts are judged below ``folder`` only: a dataset kept under ~/.cache still counts
     return sorted(
         p for p in folder.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not any(part.startswith(".") for part in p.parts)
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
 
 
@@ -103,7 +105,7 @@ def _taleqani_base(root: Path, variant: str = "Original") -> Path | None:
     return None
 
 
-@register_layout("taleqani", "Taleqani ALL: Original|Segmented/{Benign,Early,Pre,Pro} or [Malignant] ... Pre-B",
+@register_layout("taleqani", "Taleqani ALL: Original/{Benign,Early,Pre,Pro} or Benign, [Malignant] early Pre-B, ...",
                  lambda root: _taleqani_base(root) is not None)
 def read_taleqani(root: Path, variant: str = "Original") -> list[Record]:
     base = _taleqani_base(root, variant)
@@ -114,6 +116,17 @@ def read_taleqani(root: Path, variant: str = "Original") -> list[Record]:
         for path in _images(folder):
             records.append(Record(_rel(path, root), label, None, _number(path.name)))
     return records
+
+
+def _segmented_only(root: Path) -> bool:
+    """Only the Segmented/ variant is present (with both, auto picks Original)."""
+    return _taleqani_base(root, "Original") is None and _taleqani_base(root, "Segmented") not in (None, root)
+
+
+@register_layout("taleqani-segmented", "Taleqani ALL, the Segmented/{Benign,Early,Pre,Pro} variant (cells cut out)",
+                 _segmented_only)
+def read_taleqani_segmented(root: Path) -> list[Record]:
+    return read_taleqani(root, "Segmented")
 
 
 # --- C-NMC 2019 -------------------------------------------------------------
@@ -137,8 +150,6 @@ def read_cnmc(root: Path) -> list[Record]:
         patient, _image, _cell, kind = m.groups()
         records.append(Record(_rel(path, root), kind.upper(), f"patient-{patient.upper()}", None))
     records += _read_cnmc_validation(root)
-    if not records:
-        raise DatasetError(f"{root}: C-NMC folders found but no UID_*_{{all,hem}}.bmp files")
     return records
 
 
@@ -162,15 +173,20 @@ def _read_cnmc_validation(root: Path) -> list[Record]:
         if not (name_key and label_key):
             continue
         orig_key = keys.get("patient_id") or keys.get("original_name")
+        # one directory walk per CSV, not one per row (the real CSV has ~1,900 rows)
+        by_name: dict[str, Path] = {}
+        for image in _images(csv_path.parent):
+            if "training_data" not in image.relative_to(root).parts:
+                by_name.setdefault(image.name, image)
         for row in rows:
-            matches = list(csv_path.parent.rglob(row[name_key]))
-            if not matches:
+            match = by_name.get(row[name_key].strip())
+            if match is None:
                 continue
             label = "ALL" if str(row[label_key]).strip() in ("1", "all", "ALL") else "HEM"
             group = None
             if orig_key and (m := _CNMC_NAME.match(row[orig_key].strip())):
                 group = f"patient-{m.group(1).upper()}"
-            out.append(Record(_rel(matches[0], root), label, group or f"val-{row[name_key]}", None))
+            out.append(Record(_rel(match, root), label, group or f"val-{row[name_key]}", None))
     return out
 
 
@@ -207,7 +223,7 @@ def _four_type_dirs(root: Path) -> dict[str, Path] | None:
 @register_layout("four-type", "four leukemia types: ALL/ AML/ CLL/ CML/ folders", lambda root: _four_type_dirs(root) is not None)
 def read_four_type(root: Path) -> list[Record]:
     records = []
-    for label, folder in sorted(_four_type_dirs(root).items()):
+    for label, folder in sorted((_four_type_dirs(root) or {}).items()):
         records += [Record(_rel(p, root), label, None, _number(p.name)) for p in _images(folder)]
     return records
 
@@ -255,7 +271,8 @@ def read_dataset(root: str | Path, layout: str = "auto") -> tuple[str, list[Reco
         raise UsageError(f"unknown layout {layout!r}; valid: {', '.join(_LAYOUTS)}")
     records = _LAYOUTS[layout].read(root)
     if not records:
-        raise DatasetError(f"{root}: the {layout} layout matched but holds no images")
+        raise DatasetError(f"{root}: no images found in the {layout} layout ({_LAYOUTS[layout].description})",
+                           hint="check the folder, or let the layout be detected (--layout auto)")
     records.sort(key=lambda r: (r.label, r.order if r.order is not None else -1, r.path))
     return layout, records
 

@@ -5,6 +5,7 @@ TensorFlow is imported inside the handler only, so ``leukoedge --help`` stays in
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -18,7 +19,8 @@ def register(subparsers) -> None:
                     "(metrics, plots, abstention threshold, model card in RUN_DIR).")
     p.add_argument("--list-models", action="store_true", help="list registered models (input, params, MACs) and exit")
     p.add_argument("--data", metavar="PATH", help="dataset root (overrides the manifest's root)")
-    p.add_argument("--manifest", metavar="M", help="split manifest JSON (from `leukoedge data split`)")
+    p.add_argument("--manifest", metavar="M", help="split manifest JSON (from `leukoedge data split`); "
+                                                   "without it the data is split now (auto kind) and saved in RUN_DIR")
     p.add_argument("--model", metavar="NAME", help="registry name (see --list-models)")
     p.add_argument("--out", metavar="RUN_DIR", help="run directory to create")
     p.add_argument("--epochs", type=int, help="maximum epochs (default: the model's recommended value)")
@@ -76,12 +78,10 @@ def _manifest(args):
 
     if args.manifest:
         return Manifest.load(args.manifest)
-    try:
-        from ..data.split import auto_manifest
-    except ImportError:
-        raise UsageError("no --manifest given and this install cannot make one",
-                         hint="make one with `leukoedge data split` and pass --manifest") from None
-    return auto_manifest(args.data, seed=args.seed)
+    from ..data.split import make_manifest
+
+    logging.getLogger(__name__).info("no --manifest: splitting %s now (auto kind: group, else block)", args.data)
+    return make_manifest(args.data, by="auto", seed=args.seed)
 
 
 def print_model_table(stream) -> None:

@@ -335,7 +335,9 @@ class RunCheckpoint(keras.callbacks.Callback):
         history = self.state.setdefault("history", {})
         for key, value in logs.items():
             history.setdefault(key, []).append(float(value))
-        self.state["train_seconds"] = float(self.state.get("train_seconds", 0.0)) + time.perf_counter() - self._t0
+        seconds = time.perf_counter() - self._t0
+        history.setdefault("epoch_seconds", []).append(round(seconds, 2))
+        self.state["train_seconds"] = float(self.state.get("train_seconds", 0.0)) + seconds
         val_loss = float(logs.get("val_loss", float("nan")))
         best = self.state.get("best_val_loss")
         if math.isfinite(val_loss) and (best is None or val_loss < best - 1e-7):

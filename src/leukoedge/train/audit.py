@@ -1,0 +1,381 @@
+"""Shortcut audit, numpy parts: does the model read the cells or the stain and the capture?
+
+Issue 7 measured that a logistic regression on colour histograms alone nearly
+matches the CNN on Taleqani, and that the CNN collapses on grayscale or
+colour-normalised copies. This module provides, without TensorFlow:
+
+- a colour-only baseline (:func:`colour_features` + :class:`ColourBaseline`, a
+  multinomial logistic regression with L2 fitted by damped Newton steps:
+  deterministic, no scipy);
+- a registry of perturbations that keep morphology and change colour, capture or
+  background (:data:`PERTURBATIONS`, each ``fn(rgb, rng) -> rgb``);
+- a white-cell mask by nucleus colour thresholding (:func:`white_cell_mask`),
+  used for background flattening and :func:`heatmap_mass_on_cells`;
+- :func:`bootstrap_ci` and :func:`run_audit`, which takes the model as a
+  ``predict_fn(images uint8 (N,H,W,3)) -> probabilities (N, K)`` so the eval
+  code decides how the model runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image, ImageFilter
+from tqdm import tqdm
+
+from .. import stain
+from ..errors import UsageError
+
+# --- colour-only baseline --------------------------------------------------------------------
+
+
+def colour_features(rgb: np.ndarray, kind: str = "histogram", bins: int = 8) -> np.ndarray:
+    """Colour-only features of one image; they see no shape at all.
+
+    ``"histogram"``: normalised ``bins``-bin histograms of R, G, B and H, S, V plus
+    per-channel RGB mean and std (6 * bins + 6 numbers). ``"mean_std"``: the six
+    numbers only (issue 7: these alone reach ~90 % on Taleqani).
+    """
+    arr = stain.check_rgb(rgb).astype(np.float64)
+    stats = np.concatenate([arr.mean(axis=(0, 1)), arr.std(axis=(0, 1))]) / 255.0
+    if kind == "mean_std":
+        return stats
+    if kind != "histogram":
+        raise UsageError(f"unknown colour feature kind {kind!r}; use 'histogram' or 'mean_std'")
+    hsv = np.asarray(Image.fromarray(stain.check_rgb(rgb), mode="RGB").convert("HSV"), dtype=np.float64)
+    n = arr.shape[0] * arr.shape[1]
+    hists = [np.histogram(ch, bins=bins, range=(0, 256))[0] / n for src in (arr, hsv) for ch in np.moveaxis(src, 2, 0)]
+    return np.concatenate(hists + [stats])
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@dataclass
+class ColourBaseline:
+    """Standardised features -> multinomial logistic regression (L2), fitted by Newton steps.
+
+    ``fit`` runs a fixed number of damped Newton iterations on the full Hessian
+    (features x classes is a few hundred parameters), halving the step until the
+    penalised loss decreases: deterministic and converges in ~10-20 steps.
+    """
+
+    kind: str = "histogram"
+    l2: float = 1e-2
+    iterations: int = 30
+    mean: np.ndarray | None = None
+    scale: np.ndarray | None = None
+    weights: np.ndarray | None = None
+
+    def _design(self, feats: np.ndarray) -> np.ndarray:
+        x = (feats - self.mean) / self.scale
+        return np.hstack([x, np.ones((x.shape[0], 1))])
+
+    def features(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        return np.stack([colour_features(im, self.kind) for im in images])
+
+    def fit(self, images: Sequence[np.ndarray], labels: np.ndarray, n_classes: int | None = None) -> "ColourBaseline":
+        y = np.asarray(labels).astype(np.int64).ravel()
+        if len(images) != y.size or y.size < 2:
+            raise UsageError(f"colour baseline needs >= 2 images with one label each ({len(images)} images, {y.size} labels)")
+        k = int(n_classes or y.max() + 1)
+        feats = self.features(images)
+        self.mean, self.scale = feats.mean(axis=0), np.maximum(feats.std(axis=0), 1e-6)
+        x = self._design(feats)
+        n, d = x.shape
+        onehot = np.eye(k)[y]
+        reg = np.full(d, self.l2)
+        reg[-1] = 1e-6  # barely penalise the intercept; keeps the Hessian positive definite
+        w = np.zeros((d, k))
+
+        def loss(w: np.ndarray) -> float:
+            z = x @ w
+            lse = z.max(1) + np.log(np.exp(z - z.max(1, keepdims=True)).sum(1))
+            return float(np.mean(lse - (z * onehot).sum(1)) + 0.5 * np.sum(reg[:, None] * w**2))
+
+        current = loss(w)
+        for _ in range(self.iterations):
+            p = _softmax(x @ w)
+            grad = (x.T @ (p - onehot) / n + reg[:, None] * w).ravel(order="F")
+            # Hessian blocks: X^T diag(p_a (delta_ab - p_b)) X / n, ordered class-major like grad.
+            hess = np.empty((d * k, d * k))
+            for a in range(k):
+                for b in range(a, k):
+                    wts = p[:, a] * ((a == b) - p[:, b])
+                    block = (x * wts[:, None]).T @ x / n
+                    hess[a * d:(a + 1) * d, b * d:(b + 1) * d] = block
+                    hess[b * d:(b + 1) * d, a * d:(a + 1) * d] = block.T
+            hess += np.diag(np.tile(reg, k))
+            step = np.linalg.solve(hess, grad).reshape((d, k), order="F")
+            t = 1.0
+            while t > 1e-4:
+                trial = w - t * step
+                new = loss(trial)
+                if new <= current:
+                    break
+                t /= 2.0
+            else:
+                break
+            converged = current - new < 1e-10
+            w, current = trial, new
+            if converged:
+                break
+        self.weights = w
+        return self
+
+    def predict_proba(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        if self.weights is None:
+            raise UsageError("the colour baseline is not fitted; call fit first")
+        return _softmax(self._design(self.features(images)) @ self.weights)
+
+
+# --- white-cell mask ------------------------------------------------------------------------------
+
+
+def _filter(mask: np.ndarray, flt: ImageFilter.Filter) -> np.ndarray:
+    img = Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
+    return np.asarray(img.filter(flt)) > 127
+
+
+def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """4-connected component labels (0 = background, 1..n) by min-label propagation with pointer jumping."""
+    h, w = mask.shape
+    big = h * w + 1
+    lab = np.where(mask, np.arange(1, h * w + 1).reshape(h, w), big)
+    while True:
+        prev = lab
+        nb = lab.copy()
+        nb[1:, :] = np.minimum(nb[1:, :], lab[:-1, :])
+        nb[:-1, :] = np.minimum(nb[:-1, :], lab[1:, :])
+        nb[:, 1:] = np.minimum(nb[:, 1:], lab[:, :-1])
+        nb[:, :-1] = np.minimum(nb[:, :-1], lab[:, 1:])
+        nb = np.where(mask, nb, big)
+        # Pointer jumping: follow each pixel's label to the label of the pixel it names.
+        flat = np.append(nb.ravel(), big)
+        nb = np.where(mask, flat[np.minimum(nb, big) - 1], big)
+        lab = nb
+        if np.array_equal(lab, prev):
+            break
+    roots, inv = np.unique(lab[mask], return_inverse=True)
+    out = np.zeros((h, w), dtype=np.int64)
+    out[mask] = inv + 1
+    return out, int(roots.size)
+
+
+def nucleus_score(rgb: np.ndarray) -> np.ndarray:
+    """``B - G``: high for violet/purple nuclei, low for white background and pale red cells.
+
+    Wright-Giemsa nuclei absorb green strongly and blue little; background and
+    erythrocytes absorb green and blue about equally (checked by eye on Taleqani
+    fields of all four classes; ``min(R, B) - G`` missed blue-violet nuclei).
+    """
+    x = stain.check_rgb(rgb).astype(np.float64)
+    return x[..., 2] - x[..., 1]
+
+
+def _otsu(values: np.ndarray) -> float:
+    hist, edges = np.histogram(values, bins=256)
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centres)
+    mu0 = m0 / np.maximum(w0, 1)
+    mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
+    return float(centres[np.argmax(w0 * w1 * (mu0 - mu1) ** 2)])
+
+
+def white_cell_mask(
+    rgb: np.ndarray, min_score: float = 25.0, keep_fraction: float = 0.2, dilate_fraction: float = 0.03
+) -> np.ndarray:
+    """Boolean mask of white cells: nucleus thresholding, clean-up, largest components, dilation.
+
+    Threshold: Otsu on :func:`nucleus_score`, but never below ``min_score`` (an
+    image without nuclei gives an empty mask, not noise). Opening (3x3 min then
+    max) removes specks; components smaller than ``keep_fraction`` of the largest
+    are dropped; a max filter of ``dilate_fraction`` of the short side adds the
+    cytoplasm rim around each nucleus.
+    """
+    score = nucleus_score(rgb)
+    thr = max(_otsu(score), min_score)
+    mask = score > thr
+    mask = _filter(_filter(mask, ImageFilter.MinFilter(3)), ImageFilter.MaxFilter(3))
+    if not mask.any():
+        return mask
+    labels, n = label_components(mask)
+    areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    keep = np.flatnonzero(areas >= keep_fraction * areas.max()) + 1
+    mask = np.isin(labels, keep)
+    size = 2 * int(round(dilate_fraction * min(mask.shape) / 2)) + 1
+    if size >= 3:
+        mask = _filter(mask, ImageFilter.MaxFilter(size))
+    return mask
+
+
+def flatten_background(rgb: np.ndarray, mask: np.ndarray | None = None, fill: Sequence[int] | None = None) -> np.ndarray:
+    """Replace every pixel outside the (white-cell) mask by one colour.
+
+    ``fill=None`` uses the image's median background colour (keeps the tint, removes
+    texture and red cells); a fixed ``fill`` also removes the tint.
+    """
+    arr = stain.check_rgb(rgb)
+    m = white_cell_mask(arr) if mask is None else np.asarray(mask, dtype=bool)
+    if m.shape != arr.shape[:2]:
+        raise UsageError(f"mask shape {m.shape} does not match image {arr.shape[:2]}")
+    if fill is None:
+        bg = arr[~m] if (~m).any() else arr.reshape(-1, 3)
+        colour = np.median(bg, axis=0)
+    else:
+        colour = np.asarray(fill, dtype=np.float64)
+    out = arr.copy()
+    out[~m] = np.clip(np.rint(colour), 0, 255).astype(np.uint8)
+    return out
+
+
+def heatmap_mass_on_cells(heatmap: np.ndarray, mask: np.ndarray) -> float:
+    """Fraction of (non-negative) heatmap mass inside the mask; NaN for an all-zero heatmap.
+
+    The heatmap is resized bilinearly to the mask size if needed. Compare with
+    ``mask.mean()``: a model that ignores cells scores about that.
+    """
+    m = np.asarray(mask, dtype=bool)
+    h = np.nan_to_num(np.asarray(heatmap, dtype=np.float32))
+    if h.ndim != 2 or m.ndim != 2:
+        raise UsageError(f"heatmap and mask must be 2-D, got {h.shape} and {m.shape}")
+    if h.shape != m.shape:
+        h = np.asarray(Image.fromarray(h, mode="F").resize((m.shape[1], m.shape[0]), Image.Resampling.BILINEAR))
+    h = np.maximum(h.astype(np.float64), 0.0)
+    total = h.sum()
+    return float(h[m].sum() / total) if total > 0 else float("nan")
+
+
+# --- statistics --------------------------------------------------------------------------------------
+
+
+def bootstrap_ci(values: np.ndarray, n: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """Mean of ``values`` (e.g. 0/1 correct flags) with a percentile-bootstrap interval."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    if v.size == 0 or not np.all(np.isfinite(v)):
+        raise UsageError("bootstrap_ci needs at least one finite value")
+    if n < 1 or not 0 < level < 1:
+        raise UsageError(f"bootstrap needs n >= 1 and 0 < level < 1 (got n={n}, level={level})")
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, v.size, size=(n, v.size))].mean(axis=1)
+    lo, hi = np.percentile(means, [50 * (1 - level), 50 * (1 + level)])
+    return {"value": float(v.mean()), "low": float(lo), "high": float(hi), "n": int(v.size), "level": level}
+
+
+# --- perturbations ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """A named change that keeps morphology; ``fn(rgb, rng) -> rgb``."""
+
+    name: str
+    description: str
+    fn: Callable[[np.ndarray, np.random.Generator], np.ndarray]
+
+
+def _p(name: str, description: str, fn: Callable) -> tuple[str, Perturbation]:
+    return name, Perturbation(name, description, fn)
+
+
+#: The audit's perturbation table (the one source of truth for names and meanings).
+PERTURBATIONS: dict[str, Perturbation] = dict([
+    _p("clean", "unchanged images", lambda x, r: x.copy()),
+    _p("grayscale", "BT.601 luma in all three channels", lambda x, r: stain.grayscale(x)),
+    _p("colour_normalised", "each channel to a fixed mean and std", lambda x, r: stain.per_image_colour_normalize(x)),
+    _p("hed_jitter_0.05", "HED stain jitter, sigma = bias = 0.05", lambda x, r: stain.hed_jitter(x, r, 0.05, 0.05)),
+    _p("hed_jitter_0.1", "HED stain jitter, sigma = bias = 0.1", lambda x, r: stain.hed_jitter(x, r, 0.1, 0.1)),
+    _p("hed_jitter_0.2", "HED stain jitter, sigma = bias = 0.2", lambda x, r: stain.hed_jitter(x, r, 0.2, 0.2)),
+    _p("darker_0.85", "all channels x 0.85", lambda x, r: stain.adjust_brightness(x, 0.85)),
+    _p("brighter_1.15", "all channels x 1.15", lambda x, r: stain.adjust_brightness(x, 1.15)),
+    _p("white_balance_warm", "R x 1.08, B x 0.92", lambda x, r: stain.white_balance(x, (1.08, 1.0, 0.92))),
+    _p("white_balance_cool", "R x 0.92, B x 1.08", lambda x, r: stain.white_balance(x, (0.92, 1.0, 1.08))),
+    _p("blur_1", "Gaussian blur, 1 px", lambda x, r: stain.gaussian_blur(x, 1.0)),
+    _p("background_flattened", "outside the white-cell mask: the median background colour",
+       lambda x, r: flatten_background(x)),
+    _p("background_neutral", "outside the white-cell mask: fixed light grey (235, 235, 235)",
+       lambda x, r: flatten_background(x, fill=(235, 235, 235))),
+])
+
+
+def get_perturbation(name: str) -> Perturbation:
+    try:
+        return PERTURBATIONS[name]
+    except KeyError:
+        raise UsageError(f"unknown perturbation {name!r}; valid names: {', '.join(PERTURBATIONS)}") from None
+
+
+def _benign_index(class_names: Sequence[str]) -> int | None:
+    lower = [c.lower() for c in class_names]
+    return lower.index("benign") if "benign" in lower and len(lower) > 2 else None
+
+
+def run_audit(
+    predict_fn: Callable[[np.ndarray], np.ndarray],
+    images: Sequence[np.ndarray],
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    rng: np.random.Generator,
+    perturbations: Sequence[str] | None = None,
+    n_boot: int = 1000,
+    batch_size: int = 32,
+) -> dict:
+    """Accuracy (with 95 % bootstrap intervals) of ``predict_fn`` under each perturbation.
+
+    ``predict_fn`` gets uint8 batches (N, H, W, 3) and returns (N, K) probabilities.
+    Per perturbation: accuracy, agreement with the clean predictions, predicted
+    class counts and, when the classes are "Benign" plus >= 2 others, the
+    benign-versus-malignant accuracy (any non-Benign class counts as malignant).
+    Raises UsageError on mismatched inputs or a predict_fn returning the wrong shape.
+    """
+    y = np.asarray(labels).astype(np.int64).ravel()
+    if len(images) != y.size or y.size == 0:
+        raise UsageError(f"run_audit needs one label per image ({len(images)} images, {y.size} labels)")
+    names = list(perturbations) if perturbations is not None else list(PERTURBATIONS)
+    if "clean" not in names:
+        names.insert(0, "clean")
+    perts = [get_perturbation(n) for n in names]
+    k = len(class_names)
+    benign = _benign_index(class_names)
+    results: dict = {}
+    clean_pred = None
+    for pert in tqdm(perts, desc="audit", unit="perturbation"):
+        imgs = np.stack([pert.fn(stain.check_rgb(im), rng) for im in images])
+        probs = np.concatenate([np.asarray(predict_fn(imgs[i:i + batch_size])) for i in range(0, len(imgs), batch_size)])
+        if probs.shape != (y.size, k):
+            raise UsageError(f"predict_fn returned shape {probs.shape}, expected {(y.size, k)}")
+        pred = probs.argmax(axis=1)
+        clean_pred = pred if pert.name == "clean" else clean_pred
+        entry = {
+            "description": pert.description,
+            "accuracy": bootstrap_ci(pred == y, n_boot, seed=0),
+            "agreement_with_clean": bootstrap_ci(pred == clean_pred, n_boot, seed=0),
+            "predicted_counts": {c: int(np.sum(pred == i)) for i, c in enumerate(class_names)},
+        }
+        if benign is not None:
+            entry["benign_vs_malignant_accuracy"] = bootstrap_ci((pred == benign) == (y == benign), n_boot, seed=0)
+        results[pert.name] = entry
+    return {"classes": list(class_names), "n_images": int(y.size), "perturbations": results}
+
+
+def colour_baseline_report(
+    train_images: Sequence[np.ndarray], train_labels: np.ndarray,
+    test_images: Sequence[np.ndarray], test_labels: np.ndarray,
+    class_names: Sequence[str], n_boot: int = 1000,
+) -> dict:
+    """Test accuracy (with 95 % CI) of colour-only baselines trained on the train split."""
+    y = np.asarray(test_labels).astype(np.int64).ravel()
+    out = {}
+    for kind in ("histogram", "mean_std"):
+        model = ColourBaseline(kind=kind).fit(train_images, train_labels, n_classes=len(class_names))
+        pred = model.predict_proba(test_images).argmax(axis=1)
+        out[kind] = {"accuracy": bootstrap_ci(pred == y, n_boot, seed=0)}
+        benign = _benign_index(class_names)
+        if benign is not None:
+            out[kind]["benign_vs_malignant_accuracy"] = bootstrap_ci((pred == benign) == (y == benign), n_boot, seed=0)
+    return out

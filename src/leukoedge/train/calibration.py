@@ -1,0 +1,163 @@
+"""Temperature scaling and calibration metrics, numpy only (no scipy, no TensorFlow).
+
+Why: a confident wrong answer is worse than an honest 60 %. Temperature scaling
+(Guo et al. 2017) divides the logits by one number ``T`` fitted on validation
+data; it never changes the predicted class, only how sure the model claims to be.
+
+Probabilities instead of logits: the exported models (and TFLite) output
+softmax probabilities. ``log p = z - logsumexp(z)`` differs from the logits
+``z`` by a per-image constant, and softmax ignores per-image constants, so
+``softmax(log p / T) == softmax(z / T)`` exactly. Every function here that takes
+"logits" therefore also accepts ``log(probabilities)``. One caveat: int8 outputs
+round small probabilities to exactly 0; :func:`log_probs` clips them at ``eps``
+(default half an int8 step, 1/512) so the logs stay finite, and the temperature
+for an int8 model should be fitted on that model's own clipped outputs.
+
+This module lives in ``train`` but imports nothing heavy, so the runtime may
+import :func:`apply_temperature` too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import UsageError
+
+#: Search range for T: wider than any sensible model (T < 0.05 or > 20 means a broken model).
+T_MIN, T_MAX = 0.05, 20.0
+
+
+def _check(logits: np.ndarray, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim != 2 or z.shape[0] == 0 or z.shape[1] < 2 or not np.all(np.isfinite(z)):
+        raise UsageError(f"expected finite (N, classes >= 2) scores, got shape {np.shape(logits)}")
+    if labels is None:
+        return z, None
+    y = np.asarray(labels).ravel()
+    if y.shape[0] != z.shape[0] or not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= z.shape[1]:
+        raise UsageError(f"labels must be {z.shape[0]} integers in 0..{z.shape[1] - 1}")
+    return z, y.astype(np.int64)
+
+
+def log_probs(probs: np.ndarray, eps: float = 1.0 / 512) -> np.ndarray:
+    """``log(max(p, eps))``: usable as logits (see module docstring)."""
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2 or not np.all(np.isfinite(p)) or np.any(p < 0):
+        raise UsageError(f"expected non-negative finite (N, classes) probabilities, got shape {p.shape}")
+    return np.log(np.maximum(p, eps))
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = np.asarray(z, dtype=np.float64)
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def apply_temperature(logits_or_log_probs: np.ndarray, temperature: float) -> np.ndarray:
+    """Calibrated probabilities ``softmax(z / T)``; ``z`` may be logits or log-probabilities."""
+    if not (np.isfinite(temperature) and temperature > 0):
+        raise UsageError(f"temperature must be a positive number, got {temperature}")
+    z, _ = _check(logits_or_log_probs)
+    return softmax(z / temperature)
+
+
+def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of ``softmax(z / T)``."""
+    z, y = _check(logits, labels)
+    zt = z / temperature
+    m = zt.max(axis=1)
+    lse = m + np.log(np.exp(zt - m[:, None]).sum(axis=1))
+    return float(np.mean(lse - zt[np.arange(len(y)), y]))
+
+
+@dataclass(frozen=True)
+class TemperatureFit:
+    """Result of :func:`fit_temperature`: ``temperature`` and the validation NLL before/after."""
+
+    temperature: float
+    nll_before: float
+    nll_after: float
+
+    def to_dict(self) -> dict:
+        return {"temperature": self.temperature, "nll_before": self.nll_before, "nll_after": self.nll_after}
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, tol: float = 1e-5) -> TemperatureFit:
+    """Minimise validation NLL over ``log T`` in ``[log T_MIN, log T_MAX]`` by golden-section search.
+
+    The NLL is convex in ``1/T``, hence unimodal in ``log T``, so golden section
+    finds the minimum without gradients or scipy. If the optimum is at a bound
+    (e.g. a model that is right on every validation image wants ``T -> 0``), the
+    bound is returned; it is still the best T in the allowed range.
+    """
+    z, y = _check(logits, labels)
+    f = lambda log_t: nll(z, y, float(np.exp(log_t)))  # noqa: E731
+    a, b = np.log(T_MIN), np.log(T_MAX)
+    g = (np.sqrt(5.0) - 1.0) / 2.0
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = f(c), f(d)
+    while b - a > tol:
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = f(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = f(d)
+    best = (a + b) / 2.0
+    # Golden section ignores the end points; compare them so a boundary optimum is not missed.
+    candidates = [(f(best), best), (f(np.log(T_MIN)), np.log(T_MIN)), (f(np.log(T_MAX)), np.log(T_MAX))]
+    loss, log_t = min(candidates)
+    return TemperatureFit(temperature=float(np.exp(log_t)), nll_before=nll(z, y, 1.0), nll_after=float(loss))
+
+
+@dataclass(frozen=True)
+class ReliabilityData:
+    """Per-bin data for a reliability diagram (equal-width confidence bins on [0, 1]).
+
+    ``confidence[i]`` / ``accuracy[i]`` are NaN for empty bins (``to_dict`` gives None).
+    """
+
+    edges: np.ndarray
+    confidence: np.ndarray
+    accuracy: np.ndarray
+    counts: np.ndarray
+
+    @property
+    def ece(self) -> float:
+        n = self.counts.sum()
+        filled = self.counts > 0
+        return float(np.sum(self.counts[filled] / n * np.abs(self.accuracy[filled] - self.confidence[filled])))
+
+    def to_dict(self) -> dict:
+        nan_none = lambda a: [None if not np.isfinite(v) else float(v) for v in a]  # noqa: E731
+        return {
+            "edges": [float(v) for v in self.edges],
+            "confidence": nan_none(self.confidence),
+            "accuracy": nan_none(self.accuracy),
+            "counts": [int(v) for v in self.counts],
+            "ece": self.ece,
+        }
+
+
+def reliability_diagram(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> ReliabilityData:
+    """Bin images by confidence (max probability) into ``(lo, hi]`` bins; mean confidence and accuracy per bin."""
+    if n_bins < 1:
+        raise UsageError(f"n_bins must be >= 1, got {n_bins}")
+    p, y = _check(probs, labels)
+    conf = p.max(axis=1)
+    correct = (p.argmax(axis=1) == y).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    idx = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
+    counts = np.bincount(idx, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.bincount(idx, weights=conf, minlength=n_bins) / counts
+        acc = np.bincount(idx, weights=correct, minlength=n_bins) / counts
+    return ReliabilityData(edges=edges, confidence=mean_conf, accuracy=acc, counts=counts)
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+    """ECE: count-weighted mean |accuracy - confidence| over ``n_bins`` equal-width bins."""
+    return reliability_diagram(probs, labels, n_bins).ece
