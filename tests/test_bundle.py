@@ -59,7 +59,11 @@ def test_bundle_contents_and_metadata(source_bundle):
     assert b.input["dtype"] == "int8" and b.input["shape"] == [1, 32, 32, 3]
     assert b.input["quantization"]["scale"] > 0
     assert set(b.output_names) == {"probabilities", "features"}
-    assert b.abstention == {"score": "max_softmax", "threshold": 0.5, "abstain_when": "below"}
+    # convert fits the abstention score on the converted model's features (the default when
+    # the model has a 'features' layer) and ships its arrays; the run's max_softmax rule is replaced.
+    assert b.abstention["score"] == "mahalanobis" and b.abstention["abstain_when"] == "above"
+    assert {"ood_means.npy", "ood_chol.npy", "trust.json", "trust.md"} <= files
+    assert b.temperature > 0 and "ece_after" in b.calibration
     assert b.cam_weights().shape == (24, len(CLASSES))
     assert b.meta["parity"]["passed"] is True
     assert "not a diagnos" in (source_bundle / "model_card.md").read_text()

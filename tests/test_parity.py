@@ -125,5 +125,7 @@ def test_float16_and_dynamic_convert_and_pass(tmp_path_factory, mode):
     report = json.loads((bundle / "parity.json").read_text())
     assert report["passed"] and report["agreement"] >= 0.99
     b = load_bundle(bundle)
-    assert b.input["dtype"] == "float32" and b.heatmap is None and b.output_names == ("probabilities",)
+    assert b.input["dtype"] == "float32" and b.heatmap is None
+    # No heatmap, but the default abstention score (Mahalanobis) reads the pooled feature map.
+    assert set(b.output_names) == {"probabilities", "features"} and b.abstention["score"] == "mahalanobis"
     assert b.meta["size"]["ratio"] > 1.0

@@ -214,8 +214,9 @@ def test_prediction_fields(clf, test_images):
     assert set(pred.probabilities) == set(CLASSES)
     assert sum(pred.probabilities.values()) == pytest.approx(1.0, abs=1e-6)
     assert pred.confidence == max(pred.probabilities.values())
-    assert pred.ood_score == pytest.approx(pred.confidence)  # max_softmax
-    assert pred.abstained == (pred.confidence < 0.5)
+    # The bundle's fitted Mahalanobis score: a distance, abstain when above the threshold.
+    assert pred.ood_score_name == "mahalanobis" and pred.ood_score >= 0
+    assert pred.abstained == (pred.ood_score > clf.bundle.abstention["threshold"])
     assert set(pred.timings) == {"preprocess_ms", "invoke_ms", "postprocess_ms"}
     assert pred.latency_ms >= pred.timings["invoke_ms"] >= 0
     assert pred.heatmap.shape == (32, 32) and pred.heatmap.dtype == np.float32

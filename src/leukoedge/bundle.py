@@ -8,6 +8,9 @@ A bundle is a directory (optionally packed as one ``.tar`` or ``.zip``)::
     model.tflite           the converted model
     model_edgetpu.tflite   optional, from edgetpu_compiler
     cam_weights.npy        optional, class-activation-map weights (C x K)
+    ood_<array>.npy        optional, the fitted abstention scorer's arrays (issue 7):
+                           ``abstention.scorer`` in bundle.json names them
+    trust.json / trust.md  optional, abstention and calibration measured at conversion
     labels.txt             one class name per line, in label-index order
     model_card.md/.json, parity.json/.md
     MANIFEST.sha256        "<sha256>  <file>" for every other file (sha256sum -c works)
@@ -191,8 +194,30 @@ class Bundle:
         return self.meta.get("abstention")
 
     @property
+    def calibration(self) -> dict:
+        """``temperature`` (1.0 when absent) and, from ``convert --calibrate``, ``log_prob_floor`` and ECE figures."""
+        return dict(self.meta.get("calibration") or {"temperature": 1.0})
+
+    @property
     def temperature(self) -> float:
-        return float((self.meta.get("calibration") or {}).get("temperature", 1.0))
+        return float(self.calibration.get("temperature", 1.0))
+
+    def ood_state(self) -> tuple[dict, dict[str, np.ndarray]] | None:
+        """(scorer meta, {array name: array}) of the fitted abstention scorer, or None for rule-only bundles.
+
+        Rebuild it with :meth:`leukoedge.runtime.ood.OODScorer.from_state`, which
+        validates shapes and values (the checksums were verified at load).
+        """
+        scorer = (self.abstention or {}).get("scorer")
+        if not scorer:
+            return None
+        arrays = {}
+        for name, filename in (scorer.get("files") or {}).items():
+            try:
+                arrays[name] = np.load(self.path / filename, allow_pickle=False)
+            except (OSError, ValueError) as err:
+                raise BundleError(f"{self.source}: unreadable abstention array {filename} ({err})") from None
+        return scorer, arrays
 
     @property
     def heatmap(self) -> dict | None:
@@ -356,7 +381,25 @@ def _check_meta(root: Path, meta: dict, label: str) -> tuple[PreprocessSpec, tup
     weights = (heat or {}).get("weights")
     if weights and (not _is_plain_name(str(weights)) or not (root / str(weights)).is_file()):
         raise BundleError(f"{label}: heatmap weights file {weights!r} is not in the bundle")
+    _check_scorer(root, meta.get("abstention"), outputs, label)
     return spec, labels
+
+
+def _check_scorer(root: Path, abstention, outputs: dict, label: str) -> None:
+    """A fitted abstention scorer names its array files and the model output it reads."""
+    if abstention is not None and not isinstance(abstention, dict):
+        raise BundleError(f"{label}: {META_NAME} 'abstention' must be an object or null")
+    scorer = (abstention or {}).get("scorer")
+    if not scorer:
+        return
+    files = scorer.get("files") if isinstance(scorer, dict) else None
+    if not isinstance(files, dict) or not files:
+        raise BundleError(f"{label}: {META_NAME} abstention.scorer must list its array files")
+    for name, filename in files.items():
+        if not _is_plain_name(str(filename)) or not str(filename).endswith(".npy") or not (root / str(filename)).is_file():
+            raise BundleError(f"{label}: abstention array {name!r} file {filename!r} is not in the bundle")
+    if scorer.get("input") == "features" and "features" not in outputs:
+        raise BundleError(f"{label}: the abstention score reads the 'features' output, which the model does not have")
 
 
 def _is_plain_name(name: str) -> bool:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from .modes import DEFAULT_CALIBRATION, MODES
+from .options import DEFAULT_OOD_FIT
 
 
 def register(subparsers) -> None:
@@ -32,6 +33,22 @@ def register(subparsers) -> None:
     p.add_argument("--archive", choices=["tar", "zip"], default=None, help="also write BUNDLE.tar or BUNDLE.zip")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     p.add_argument("--data-root", type=Path, default=None, help="dataset root if the images moved since training")
+    p.add_argument(
+        "--ood-score", choices=["mahalanobis", "knn", "max_softmax"], default=None,
+        help="abstention score fitted on the converted model (default: mahalanobis on the pooled "
+        "'features' output when the model has one, else max_softmax)",
+    )
+    p.add_argument(
+        "--ood-dir", type=Path, action="append", default=[], metavar="DIR",
+        help="folder of foreign images to measure abstention on (repeatable; evaluation only)",
+    )
+    p.add_argument("--abstain-rate", type=float, default=0.05,
+                   help="fraction of in-distribution validation images that abstain (default 0.05)")
+    p.add_argument("--ood-fit", type=int, default=DEFAULT_OOD_FIT, metavar="N",
+                   help=f"training images whose features fit the abstention score (default {DEFAULT_OOD_FIT}, "
+                   "stratified subsample when the train split is larger)")
+    p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
+                   help="fit the temperature on the converted model's validation outputs (default on)")
     p.add_argument("--out", type=Path, required=True, metavar="BUNDLE", help="bundle directory to write")
     p.set_defaults(func=run)
 
@@ -56,6 +73,11 @@ def run(args: argparse.Namespace) -> int:
         archive=args.archive,
         force=args.force,
         data_root=args.data_root,
+        ood_score=args.ood_score,
+        ood_dirs=tuple(args.ood_dir),
+        calibrate=args.calibrate,
+        abstain_rate=args.abstain_rate,
+        ood_fit=args.ood_fit,
     )
     from ..errors import ParityError
 
@@ -67,6 +89,10 @@ def run(args: argparse.Namespace) -> int:
         raise
     _print_summary(result)
     return 0
+
+
+def _f(value, fmt: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, fmt)
 
 
 def _print_summary(result) -> None:
@@ -85,4 +111,15 @@ def _print_summary(result) -> None:
         print(f"heatmap: {result.heatmap_method}", file=out)
     if result.edgetpu is not None:
         print(result.edgetpu.to_text(), file=out)
+    if result.trust is not None:
+        ab, cal = result.trust["abstention"], result.trust["calibration"]
+        print(
+            f"abstention: {ab['score']} ({ab['abstain_when']} {ab['threshold']:.6g}); "
+            f"test abstained {ab['test_abstain_rate']:.1%}",
+            file=out,
+        )
+        for name, f in ab["ood"].items():
+            print(f"  {name}: AUROC {_f(f['auroc'])} (held-out half {_f(f['held_out']['auroc'])}), "
+                  f"abstained {_f(f['abstain_rate'], '.1%')}", file=out)
+        print(f"calibration: T={cal['temperature']:.3f}  test ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f}", file=out)
     print(f"parity gate: {'PASSED' if r.passed else 'FAILED (bundle marked invalid)'}", file=out)

@@ -8,6 +8,13 @@ from ..bundle import ARCHIVE_KINDS
 from ..errors import UsageError
 from .modes import DEFAULT_CALIBRATION, MIN_CALIBRATION, MODES, QuantMode
 
+#: Abstention scores ``convert`` can fit on the converted model (see ``convert.trust``).
+OOD_SCORES = ("mahalanobis", "knn", "max_softmax")
+#: Training images whose features fit the abstention score. On leuko-small (1,823 train
+#: images) fitting on all of them instead of 600 raised the pbc-cells AUROC from 0.980 to
+#: 0.987 and lowered the test abstention from 5.6 % to 5.1 %, for ~10 s more conversion.
+DEFAULT_OOD_FIT = 2000
+
 
 @dataclass(frozen=True)
 class ConvertOptions:
@@ -27,6 +34,14 @@ class ConvertOptions:
         force: replace an existing bundle at ``out``.
         data_root: where the run's images are now, if they moved since training.
         worst: how many most-disagreeing images the parity report lists.
+        ood_score: abstention score fitted on the converted model: ``mahalanobis``,
+            ``knn`` or ``max_softmax``; None picks ``mahalanobis`` when the model
+            has a ``features`` layer, else ``max_softmax``.
+        ood_dirs: folders of foreign images, for evaluation only (AUROC, abstain rates).
+        calibrate: fit the temperature on the converted model's validation outputs
+            (else keep the run's calibration.json temperature, 1.0 if none).
+        abstain_rate: fraction of in-distribution validation images that abstain.
+        ood_fit: training images whose features fit the scorer (stratified subsample).
     """
 
     run_dir: Path
@@ -41,6 +56,11 @@ class ConvertOptions:
     force: bool = False
     data_root: Path | None = None
     worst: int = 10
+    ood_score: str | None = None
+    ood_dirs: tuple[Path, ...] = ()
+    calibrate: bool = True
+    abstain_rate: float = 0.05
+    ood_fit: int = DEFAULT_OOD_FIT
 
     def __post_init__(self) -> None:
         if self.quantize not in MODES:
@@ -67,6 +87,14 @@ class ConvertOptions:
             raise UsageError(f"--archive must be one of {', '.join(ARCHIVE_KINDS)}, got {self.archive!r}")
         if self.worst < 0:
             raise UsageError("the number of listed disagreements must be >= 0")
+        if self.ood_score is not None and self.ood_score not in OOD_SCORES:
+            raise UsageError(f"unknown --ood-score {self.ood_score!r}; use one of {', '.join(OOD_SCORES)}")
+        if not 0.0 < self.abstain_rate < 0.5:
+            raise UsageError(f"--abstain-rate must be between 0 and 0.5 (a fraction), got {self.abstain_rate}")
+        if self.ood_fit < 20:
+            raise UsageError(f"--ood-fit {self.ood_fit} is too few training images to fit an abstention score; use at least 20")
+        if len(set(Path(d).name for d in self.ood_dirs)) != len(self.ood_dirs):
+            raise UsageError("--ood-dir folders must have distinct names (they label the report)")
         if Path(self.out).resolve() == Path(self.run_dir).resolve():
             raise UsageError("--out must not be the run directory itself")
 

@@ -4,7 +4,9 @@ The story, in order: read the run (config, manifest, model, abstention,
 temperature); build the batch-1 export model with named outputs; calibrate on
 the TRAIN split (full-integer modes); convert; write a provisional bundle and
 load it back through the device runtime; grade it against the float model on
-the TEST split; write the final bundle (valid or not) and commit it.
+the TEST split; fit the abstention score and the temperature on the converted
+model's own outputs (:mod:`.trust`: train subsample, val, test, ``--ood-dir``);
+write the final bundle (valid or not) and commit it.
 
 A failed gate still writes the bundle, marked ``valid: false`` with the
 reason, so nothing is lost and the device refuses it unless forced; then
@@ -25,7 +27,8 @@ from ..data.records import Manifest
 from ..errors import BundleError, ConversionError, ParityError, RunError
 from ..preprocess import PreprocessSpec
 from ..train.rundir import RunConfig, RunDir
-from . import calibration, edgetpu as edgetpu_check, export, parity, writer
+from ..runtime.ood import FEATURE_METHODS
+from . import calibration, edgetpu as edgetpu_check, export, parity, trust, trust_report, writer
 from .modes import MODES
 from .options import ConvertOptions
 
@@ -40,6 +43,7 @@ class ConvertResult:
     size: dict
     edgetpu: edgetpu_check.EdgeTpuReport | None
     heatmap_method: str | None
+    trust: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -76,9 +80,12 @@ def convert_run(options: ConvertOptions, *, representative_images: np.ndarray | 
 
     log.info("loading %s", run.dir.model_path)
     model = export.load_keras_model(run.dir.model_path)
-    # ood.json may declare a feature-based score ("uses": "features"): the device then
-    # needs the feature map even without a heatmap.
-    need_features = options.with_heatmap or (run.abstention or {}).get("uses") == "features"
+    score = _resolve_score(options, model)
+    # A feature-based abstention score (fitted here, or declared by ood.json with
+    # "uses": "features") needs the feature map even without a heatmap.
+    need_features = (
+        options.with_heatmap or score in FEATURE_METHODS or (run.abstention or {}).get("uses") == "features"
+    )
     export.check_conventions(model, need_features)
     _check_shapes(model, run.spec.size, len(run.config.classes))
     tflite, size = _convert(options, run, model, export.build_export_model(model, need_features), representative_images)
@@ -92,6 +99,12 @@ def convert_run(options: ConvertOptions, *, representative_images: np.ndarray | 
         writer.finalize(staging)
         report = _grade(staging, model, run.manifest, test_entries, test_images, options)
         report = dataclasses.replace(report, size=size, split_kind=run.manifest.split_kind, leaky=run.manifest.leaky)
+        trusted = _fit_trust(staging, options, run, score, test_entries, test_images)
+        for name, array in trusted.arrays.items():
+            _save_npy(staging / name, array)
+        common.update(abstention=trusted.abstention, calibration=trusted.calibration)
+        write_json(staging / "trust.json", trusted.report)
+        atomic_write_text(staging / "trust.md", trust_report.to_markdown(trusted.report, f"Trust report: {run.config.model} ({options.quantize})"))
         _write_reports(staging, run, report, common)
         writer.commit(staging, options.out)
     finally:
@@ -99,7 +112,9 @@ def convert_run(options: ConvertOptions, *, representative_images: np.ndarray | 
             shutil.rmtree(staging)
     archive = make_archive(options.out, options.archive) if options.archive else None
     heatmap = common["heatmap"]
-    result = ConvertResult(options.out, archive, report, size, tpu_report, heatmap["method"] if heatmap else None)
+    result = ConvertResult(
+        options.out, archive, report, size, tpu_report, heatmap["method"] if heatmap else None, trusted.report
+    )
     if not report.passed:
         err = ParityError(
             f"the {options.quantize} model does not classify like the float model: {'; '.join(report.reasons)}. "
@@ -203,6 +218,57 @@ def _grade(staging: Path, model, manifest: Manifest, entries, images: np.ndarray
         min_agreement=options.min_agreement,
         worst=options.worst,
     )
+
+
+def _resolve_score(options: ConvertOptions, model) -> str:
+    """``--ood-score``, or the default: Mahalanobis when the model has a ``features`` layer."""
+    if options.ood_score is not None:
+        return options.ood_score
+    return "mahalanobis" if "features" in {layer.name for layer in model.layers} else "max_softmax"
+
+
+def _fit_trust(staging: Path, options: ConvertOptions, run: _Run, score: str, test_entries, test_images) -> trust.TrustResult:
+    """Abstention + calibration on the provisional bundle, through the device runtime (see ``convert.trust``)."""
+    from ..runtime import Classifier
+
+    clf = Classifier(load_bundle(staging, allow_invalid=True), edgetpu="off")
+    manifest, spec, root = run.manifest, run.spec, options.data_root
+    feats = score in FEATURE_METHODS or "features" in clf.bundle.output_names
+
+    def labels(entries) -> np.ndarray:
+        return np.array([manifest.label_index(e.label) for e in entries], dtype=np.int64)
+
+    n_fit = min(options.ood_fit, len(manifest.subset("train")))
+    fit_entries = calibration.select_calibration(manifest, n_fit, run.config.seed + 1) if feats else []
+    val_entries = manifest.subset("val")
+    if not val_entries:
+        raise ConversionError("the manifest's val split is empty; the abstention threshold and temperature are chosen on it")
+    fit_images = calibration.load_images(manifest, fit_entries, spec, root, "train") if fit_entries else None
+    val_images = calibration.load_images(manifest, val_entries, spec, root, "val")
+    empty = trust.Outputs(np.empty((0, len(run.config.classes))), None)
+    outputs = {
+        "train": trust.device_outputs(clf, fit_images, "trust train", feats) if fit_images is not None else empty,
+        "val": trust.device_outputs(clf, val_images, "trust val", feats),
+        "test": trust.device_outputs(clf, test_images, "trust test", feats),
+    }
+    ood_sets = [trust.load_ood_set(clf, Path(d), spec, feats) for d in options.ood_dirs]
+    return trust.build(
+        score,
+        train=outputs["train"], y_train=labels(fit_entries),
+        val=outputs["val"], y_val=labels(val_entries),
+        test=outputs["test"], y_test=labels(test_entries),
+        ood_sets=ood_sets,
+        rate=options.abstain_rate,
+        calibrate_flag=options.calibrate,
+        run_temperature=run.temperature,
+        seed=run.config.seed,
+    )
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.npy")
+    np.save(tmp, np.ascontiguousarray(array), allow_pickle=False)
+    tmp.replace(path)
 
 
 def _check_shapes(model, size: tuple[int, int], n_classes: int) -> None:

@@ -96,7 +96,9 @@ def bundle_meta(
     parity: dict | None,
     size: dict,
     edgetpu: dict | None,
+    calibration: dict | None = None,
 ) -> dict:
+    """bundle.json; ``calibration`` (from ``convert --calibrate``) replaces the bare ``temperature``."""
     files = {"model": MODEL_NAME, "labels": LABELS_NAME}
     if has_edgetpu:
         files["model_edgetpu"] = EDGETPU_MODEL_NAME
@@ -117,7 +119,7 @@ def bundle_meta(
         "outputs": outputs,
         "files": files,
         "abstention": abstention,
-        "calibration": {"temperature": temperature},
+        "calibration": dict(calibration) if calibration else {"temperature": temperature},
         "heatmap": heatmap,
         "valid": valid,
         "invalid_reason": invalid_reason,
@@ -142,7 +144,8 @@ def write_model_card(staging: Path, run_card_md: str | None, run_card: dict | No
         "invalid_reason": meta["invalid_reason"],
         "parity": meta["parity"],
         "size": meta["size"],
-        "abstention": meta["abstention"],
+        "abstention": _without_scorer_arrays(meta["abstention"]),
+        "calibration": meta.get("calibration"),
     }
     card = dict(run_card or {"model": meta["model"]["name"], "labels": meta["labels"]})
     card["on_device"] = conversion
@@ -163,11 +166,48 @@ def write_model_card(staging: Path, run_card_md: str | None, run_card: dict | No
         f"- parity gate: {'passed' if meta['valid'] else 'FAILED: ' + str(meta['invalid_reason'])}; "
         f"float accuracy {parity.get('float_accuracy', float('nan')):.4f}, converted {parity.get('quant_accuracy', float('nan')):.4f}, "
         f"agreement {parity.get('agreement', float('nan')):.4f} (details in parity.md)",
+        *_trust_lines(meta),
         "",
         RESEARCH_NOTICE,
         "",
     ]
     atomic_write_text(staging / "model_card.md", head + "\n".join(section))
+
+
+def _without_scorer_arrays(abstention: dict | None) -> dict | None:
+    if not abstention or "scorer" not in abstention:
+        return abstention
+    scorer = abstention["scorer"]
+    return {**abstention, "scorer": {k: scorer.get(k) for k in ("method", "input", "params")}}
+
+
+def _trust_lines(meta: dict) -> list[str]:
+    """Model-card lines on abstention and calibration of THIS converted model (details in trust.md)."""
+    lines = []
+    ab = meta.get("abstention") or {}
+    if ab.get("score") and ab.get("threshold") is not None:
+        lines.append(
+            f"- abstention (\"not like the images this model was trained on\"): score `{ab['score']}`, "
+            f"abstain when {ab.get('abstain_when', '?')} {ab['threshold']:.6g}"
+            + (f", chosen on {ab['chosen_on']} for {ab['target_abstain_rate']:.0%} abstained" if "chosen_on" in ab else "")
+        )
+        for name, ood in (ab.get("ood") or {}).items():
+            held = ood["held_out"]["auroc"]
+            lines.append(
+                f"  - vs {name} ({ood['n']} images): AUROC {ood['auroc']:.3f}, abstained {ood['abstain_rate']:.1%}; "
+                f"held-out half AUROC {'n/a' if held is None else format(held, '.3f')}"
+            )
+        if "test_abstain_rate" in ab:
+            lines.append(f"  - in-distribution test images abstained: {ab['test_abstain_rate']:.1%}")
+        if ab.get("ood"):
+            lines.append("  - the OOD images were used for evaluation only (details and a held-out half in trust.md)")
+    cal = meta.get("calibration") or {}
+    if "ece_before" in cal:
+        lines.append(
+            f"- calibration: temperature {cal['temperature']:.3f} fitted on {cal.get('fitted_on', 'val')}; "
+            f"test ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f} (reliability table in trust.md)"
+        )
+    return lines
 
 
 def finalize(staging: Path) -> None:

@@ -43,7 +43,10 @@ class Prediction:
         confidence: probability of ``label``.
         abstained: True when the image is "not like the training images".
         ood_score: the bundle's abstention score (for ``max_softmax`` the top
-            probability: low = unusual; see ``postprocess``) or None.
+            probability: low = unusual; for ``mahalanobis`` / ``knn`` a distance
+            in feature space: high = unusual; see ``postprocess``) or None.
+            Always computed on the model's output BEFORE temperature scaling.
+        ood_score_name: the name of that score (None without abstention).
         latency_ms: wall time of the whole call.
         timings: ``preprocess_ms``, ``invoke_ms``, ``postprocess_ms``.
         heatmap: float32 HxW (model input size) in [0, 1], or None.
@@ -59,6 +62,7 @@ class Prediction:
     timings: dict[str, float]
     heatmap: np.ndarray | None = field(default=None, repr=False)
     class_index: int = 0
+    ood_score_name: str | None = None
 
     def to_dict(self, include_heatmap: bool = False) -> dict:
         """JSON-ready dict (the heatmap, large, only on request)."""
@@ -68,6 +72,7 @@ class Prediction:
             "confidence": self.confidence,
             "abstained": self.abstained,
             "ood_score": self.ood_score,
+            "ood_score_name": self.ood_score_name,
             "latency_ms": self.latency_ms,
             "timings": dict(self.timings),
             "has_heatmap": self.heatmap is not None,
@@ -130,8 +135,28 @@ class Classifier:
         self._feature_output = self._heat_output or ("features" if "features" in self.bundle.output_names else None)
         if self.bundle.abstention and self.bundle.abstention.get("score"):
             postprocess.abstain_side(self.bundle.abstention)  # unknown score or side: fail now, not per image
+        self._scorer = self._load_scorer()
+        calibration = self.bundle.calibration
+        self._temperature = float(calibration.get("temperature", 1.0))
+        floor = calibration.get("log_prob_floor")
+        self._log_prob_floor = None if floor is None else float(floor)
 
     # -- set-up -------------------------------------------------------------
+    def _load_scorer(self):
+        """The bundle's fitted abstention scorer (Mahalanobis / kNN), or None for rule-only bundles."""
+        state = self.bundle.ood_state()
+        if state is None:
+            return None
+        from .ood import OODScorer
+
+        meta, arrays = state
+        scorer = OODScorer.from_state({**meta, "arrays": sorted(arrays)}, arrays)
+        if scorer.input == "features" and "features" not in self.bundle.output_names:
+            raise BundleError(f"{self.bundle.source}: the abstention score needs the 'features' output")
+        if scorer.input == "features":
+            self._feature_output = "features"
+        return scorer
+
     def _make_interpreter(self, choice: DelegateChoice, edgetpu: str):
         cls = self._litert.interpreter_cls
         try:
@@ -209,11 +234,11 @@ class Classifier:
         t1 = time.perf_counter()
         raw = self.run(pixels)
         t2 = time.perf_counter()
-        probs = postprocess.apply_temperature(raw.probabilities, self.bundle.temperature)
+        probs = postprocess.apply_temperature(raw.probabilities, self._temperature, self._log_prob_floor)
         idx, label, confidence = postprocess.top1(probs, self.bundle.labels)
-        # Thresholds are chosen on the model's own output (leukoedge.train.ood), so the
-        # score sees the probabilities before temperature scaling.
-        score, abstained = postprocess.abstain(raw.probabilities, raw.features, self.bundle.abstention)
+        # Thresholds are chosen on the model's own output (convert / leukoedge.train.ood), so
+        # the score sees the probabilities before temperature scaling.
+        score, abstained = self.abstain(raw)
         heat = None
         if heatmap and self._heat_output and raw.features is not None:
             cam = heatmaps.class_activation_map(raw.features, self._cam_weights, idx)
@@ -233,7 +258,16 @@ class Classifier:
             },
             heatmap=heat,
             class_index=idx,
+            ood_score_name=(self.bundle.abstention or {}).get("score") or None,
         )
+
+    def abstain(self, raw: RawOutput) -> tuple[float | None, bool]:
+        """(ood_score, abstained) for one :meth:`run` output, by the rule stored in the bundle.
+
+        ``convert`` measures abstention through this method, so its report is
+        what the device does.
+        """
+        return postprocess.abstain(raw.probabilities, raw.features, self.bundle.abstention, self._scorer)
 
     def info(self) -> dict:
         """What is running: model, version, runtime, delegate and any fallback reason."""
@@ -254,8 +288,19 @@ class Classifier:
             "num_threads": self._num_threads,
             "heatmap": self._heat_output is not None,
             "heatmap_method": (self.bundle.heatmap or {}).get("method"),
-            "abstention": self.bundle.abstention,
+            "abstention": _abstention_info(self.bundle.abstention),
+            "temperature": self._temperature,
             "valid": self.bundle.valid,
             "invalid_reason": self.bundle.invalid_reason,
             "bundle": str(self.bundle.source),
         }
+
+
+def _abstention_info(abstention: dict | None) -> dict | None:
+    """The abstention rule without the bulky scorer details (JSON-safe for the app's /info)."""
+    if not abstention:
+        return abstention
+    info = {k: v for k, v in abstention.items() if k != "scorer"}
+    if abstention.get("scorer"):
+        info["scorer"] = {k: abstention["scorer"].get(k) for k in ("method", "input")}
+    return info

@@ -286,3 +286,24 @@ def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
     ranks = _midranks(np.concatenate([a, b]))
     u = ranks[a.size:].sum() - b.size * (b.size + 1) / 2.0
     return float(u / (a.size * b.size))
+
+
+def _needs_fitted_scorer(name: str):
+    def score(probs, features, abstention):
+        raise BundleError(
+            f"the abstention score {name!r} needs the fitted scorer stored in the bundle "
+            "(abstention.scorer); use Classifier, which loads it",
+        )
+
+    return score
+
+
+def _register_fitted_scores() -> None:
+    """Make the fitted scores known to ``postprocess`` (distances: a HIGH score abstains)."""
+    from .postprocess import register_score
+
+    for name in FEATURE_METHODS:
+        register_score(name, "above")(_needs_fitted_scorer(name))
+
+
+_register_fitted_scores()

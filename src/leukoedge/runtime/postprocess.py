@@ -20,6 +20,17 @@ are looked up in :data:`SCORES`; a module ``leukoedge.runtime.ood``
 (feature-based scores such as Mahalanobis distance) may add more with
 :func:`register_score` and is imported on demand the first time an unknown
 name is asked for.
+
+Fitted scores (``mahalanobis``, ``knn``; issue 7) need arrays fitted at
+conversion time: ``convert`` stores an :class:`~leukoedge.runtime.ood.OODScorer`
+state in the bundle and :func:`abstain` receives the rebuilt scorer. The
+threshold and side always come from the bundle's abstention dict, so the
+device and the conversion report take the very same decision.
+
+Temperature with a floor: ``convert`` fits the temperature on the converted
+model's own probabilities clipped at ``log_prob_floor`` (an int8 softmax rounds
+small probabilities to exactly 0); :func:`apply_temperature` given that floor
+computes exactly what was fitted.
 """
 from __future__ import annotations
 
@@ -87,10 +98,22 @@ def normalise(raw: np.ndarray) -> np.ndarray:
     return p / total
 
 
-def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """``softmax(z / T)`` computed from ``p = softmax(z)``; see module docstring."""
-    if temperature <= 0:
+def apply_temperature(probs: np.ndarray, temperature: float, floor: float | None = None) -> np.ndarray:
+    """``softmax(z / T)`` computed from ``p = softmax(z)``; see module docstring.
+
+    Without ``floor`` a zero probability stays zero. With ``floor`` (what
+    ``convert --calibrate`` fits with), ``softmax(log(max(p, floor)) / T)``,
+    the same formula as :func:`leukoedge.train.calibration.apply_temperature`
+    on :func:`~leukoedge.train.calibration.log_probs`.
+    """
+    if not temperature > 0:
         raise BundleError(f"calibration temperature must be > 0, got {temperature}")
+    if floor is not None:
+        if not 0.0 < floor < 1.0:
+            raise BundleError(f"calibration log_prob_floor must be in (0, 1), got {floor}")
+        logp = np.log(np.maximum(np.asarray(probs, dtype=np.float64), floor)) / temperature
+        e = np.exp(logp - logp.max())
+        return e / e.sum()
     if temperature == 1.0:
         return probs
     logp = np.log(np.clip(probs, _EPS, 1.0)) / temperature
@@ -115,12 +138,28 @@ def abstain_side(abstention: dict) -> str:
     return side
 
 
-def abstain(probs: np.ndarray, features: np.ndarray | None, abstention: dict | None) -> tuple[float | None, bool]:
-    """(ood_score, abstained); (None, False) when the bundle has no abstention."""
+def abstain(
+    probs: np.ndarray, features: np.ndarray | None, abstention: dict | None, scorer=None
+) -> tuple[float | None, bool]:
+    """(ood_score, abstained); (None, False) when the bundle has no abstention.
+
+    Args:
+        probs: the model's probabilities BEFORE temperature scaling.
+        features: the dequantised feature map (H, W, C) or vector, or None.
+        abstention: the bundle's abstention dict (score, threshold, abstain_when).
+        scorer: a fitted :class:`~leukoedge.runtime.ood.OODScorer` for fitted
+            scores (mahalanobis, knn); its input is ``features`` or ``probabilities``.
+    """
     if not abstention or not abstention.get("score"):
         return None, False
-    fn, _ = get_score(abstention["score"])
-    score = fn(probs, features, abstention)
+    if scorer is not None:
+        values = features if scorer.input == "features" else probs
+        if values is None:
+            raise BundleError(f"the abstention score {abstention['score']!r} needs the model's {scorer.input} output")
+        score = float(scorer.score(np.asarray(values)[None, ...])[0])
+    else:
+        fn, _ = get_score(abstention["score"])
+        score = fn(probs, features, abstention)
     threshold = abstention.get("threshold")
     if threshold is None:
         return score, False
