@@ -31,6 +31,7 @@ without readable images).
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,9 @@ from tqdm import tqdm
 from ..errors import ConversionError, InvalidImageError
 from ..preprocess import PreprocessSpec, load_image
 from ..runtime import ood as ood_lib, postprocess
-from ..train.calibration import fit_temperature, log_probs, reliability_diagram
+from ..train.calibration import T_MAX, T_MIN, fit_temperature, log_probs, reliability_diagram
+
+log = logging.getLogger(__name__)
 
 #: Probabilities are clipped here before the temperature (half an int8 output step).
 LOG_PROB_FLOOR = 1.0 / 512
@@ -140,10 +143,17 @@ def calibrate(val: Outputs, y_val: np.ndarray, test: Outputs, y_test: np.ndarray
     """Temperature fitted on validation; (bundle calibration dict, reliability tables on test)."""
     fit = fit_temperature(log_probs(val.probs, LOG_PROB_FLOOR), y_val)
     t = fit.temperature
+    at_bound = not T_MIN * 1.001 < t < T_MAX * 0.999
+    if at_bound:
+        # E.g. a validation split the model gets entirely right wants T -> 0: confidence is
+        # then pushed to 1 on every image, including the errors validation did not show.
+        log.warning("the fitted temperature %.3g is at the search bound; validation says little about "
+                    "confidence (see trust.md)", t)
     before = reliability_diagram(test.probs, y_test, n_bins)
     after = reliability_diagram(_apply(test.probs, t), y_test, n_bins)
     cal = {
         "temperature": t,
+        "at_search_bound": at_bound,
         "log_prob_floor": LOG_PROB_FLOOR,
         "fitted_on": "val",
         "n_fit": int(len(y_val)),

@@ -61,6 +61,8 @@ def to_markdown(report: dict, title: str) -> str:
         f"- expected calibration error on {cal['ece_split']} ({cal['n_bins']} bins): "
         f"**{cal['ece_before']:.4f} before, {cal['ece_after']:.4f} after**",
         "- the reported probabilities and confidence use this temperature; the abstention score does not",
+        *(["- **the temperature sits at the search bound**: validation (almost) never errs, so it cannot "
+           "tell how sure the model should be; treat the confidence with care"] if cal.get("at_search_bound") else []),
         "",
         "Reliability on test (after temperature):",
         "",
