@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
+from leukoedge.bench.machine import machine_info
 from leukoedge.data.synth import generate
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -38,25 +38,15 @@ def main() -> None:
     result = {
         "images": args.n, "size": args.size, "repeats": rates, "best_wall_ips": best["wall_ips"],
         "best_cpu_ips": max(r["cpu_ips"] for r in rates),
-        "machine": {"cpu": _cpu_model(), "python": platform.python_version(), "os": platform.platform(),
-                    # wall-clock rates mean little when other jobs share the core
-                    "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None},
+        # the same machine record as every other table (load average included: wall-clock
+        # rates mean little when other jobs share the core)
+        "machine": machine_info(),
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "synth_throughput.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"synthetic smears at {args.size} px: {best['wall_ips']:.0f} images/s wall-clock, "
           f"{result['best_cpu_ips']:.0f} images/s of CPU time, on one core (best of {args.repeats}; "
           f"load average {result['machine']['load_average'][0] if result['machine']['load_average'] else '?'})")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":
