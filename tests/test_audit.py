@@ -62,6 +62,23 @@ def test_white_cell_mask_finds_purple_disc():
     assert not audit.white_cell_mask(np.full((32, 32, 3), (240, 200, 210), np.uint8)).any()
 
 
+def test_white_cell_mask_ignores_blue_grey_and_pink_red_cells():
+    """Bluish-lit Taleqani fields: grey-blue and teal red cells have B > G like nuclei; pink ones have R >> G."""
+    size = 64
+    yy, xx = np.mgrid[:size, :size]
+    img = np.zeros((size, size, 3)) + (234, 246, 243)
+    red_cells = {(14, 14): (172, 176, 227), (14, 50): (115, 156, 199), (50, 14): (225, 160, 175)}
+    for (cy, cx), colour in red_cells.items():
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < 7**2] = colour
+    blast = (yy - 44) ** 2 + (xx - 44) ** 2 < 8**2
+    img[blast] = (226, 192, 251)  # pale magenta Pro-B blast
+    img = np.clip(img + np.random.default_rng(0).normal(0, 3, img.shape), 0, 255).astype(np.uint8)
+    mask = audit.white_cell_mask(img, dilate_fraction=0.0)
+    assert iou(mask, blast) > 0.7
+    for cy, cx in red_cells:
+        assert not mask[cy, cx]
+
+
 def test_connected_components():
     m = np.zeros((20, 20), bool)
     m[1:4, 1:4] = True

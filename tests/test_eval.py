@@ -145,6 +145,7 @@ def test_collapse_warning_fires_and_reaches_metrics_and_card(degenerate_run, cap
     assert "WARNING: COLLAPSE" in card_md
     assert "**random (LEAKY" in card_md  # a random split is flagged in bold
     assert "not a diagnostic device" in card_md
+    assert "## Shortcut audit" in card_md and "leukoedge eval RUN_DIR --audit" in card_md  # no audit run yet
     card = read_json(degenerate_run / "model_card.json")
     assert card["data"]["leaky"] is True and card["collapse_warning"]
     ood = read_json(degenerate_run / "ood.json")

@@ -109,17 +109,91 @@ def test_conversion_report_matches_what_the_device_decides(clf, source_bundle, t
     assert "Calibration" in (source_bundle / "trust.md").read_text()
 
 
-def test_temperature_is_stored_and_applied_as_fitted(clf, source_bundle):
+def test_temperature_is_stored_and_applied_as_fitted(clf, source_bundle, bundle_copy):
     cal = clf.bundle.calibration
-    assert cal["fitted_on"] == "val" and cal["log_prob_floor"] == pytest.approx(1 / 512)
+    assert cal["fitted_on"] == "val" and cal["method"] == trust.CALIBRATION_METHOD
+    lo, hi = cal["temperature_interval"]
+    # The conservative choice: 1 when the bootstrap interval contains it, else the end nearer 1.
+    assert cal["temperature"] == (1.0 if lo <= 1.0 <= hi else min((lo, hi), key=lambda t: abs(np.log(t))))
     image = _in_distribution(1, seed=5)[0]
     raw = clf.run(clf.to_pixels(image))
-    expected = apply_temperature(log_probs(raw.probabilities[None], cal["log_prob_floor"]), cal["temperature"])[0]
     pred = clf.classify(image)
+    if cal["temperature"] == 1.0:
+        assert cal["log_prob_floor"] is None and cal["ece_after"] == cal["ece_before"]
+        expected = raw.probabilities
+    else:
+        expected = apply_temperature(log_probs(raw.probabilities[None], cal["log_prob_floor"]), cal["temperature"])[0]
     assert [pred.probabilities[c] for c in CLASSES] == pytest.approx(expected, abs=1e-9)
     # The abstention score ignores the temperature (its threshold was chosen without it).
     assert clf.abstain(raw)[0] == pytest.approx(pred.ood_score)
     assert "calibration: temperature" in (source_bundle / "model_card.md").read_text()
+    # A bundle with a temperature != 1 and the int8 floor: the device applies exactly that formula.
+    meta = json.loads((bundle_copy / "bundle.json").read_text())
+    meta["calibration"] = {**meta["calibration"], "temperature": 0.7, "log_prob_floor": 1 / 512}
+    (bundle_copy / "bundle.json").write_text(json.dumps(meta))
+    write_manifest(bundle_copy)
+    sharp = Classifier(load_bundle(bundle_copy), edgetpu="off").classify(image)
+    expected = apply_temperature(log_probs(raw.probabilities[None], 1 / 512), 0.7)[0]
+    assert [sharp.probabilities[c] for c in CLASSES] == pytest.approx(expected, abs=1e-9)
+
+
+def test_float_and_converted_calibration_reported_with_a_checksummed_diagram(source_bundle, tmp_path_factory):
+    """trust.json has both models; the float figures are the Keras model's own; the PNG is covered by the manifest."""
+    import keras
+
+    from leukoedge.convert.calibration import load_images
+    from leukoedge.data.records import Manifest
+    from leukoedge.preprocess import PreprocessSpec
+
+    report = json.loads((source_bundle / "trust.json").read_text())
+    for key in ("calibration", "calibration_float"):
+        c = report[key]
+        assert c["fitted_on"] == "val" and c["n_test"] == 40
+        assert 0 <= c["ece_before"] <= 1 and 0 <= c["ece_after"] <= 1 and c["temperature"] > 0
+        assert c["worse_after"] == (c["ece_after"] > c["ece_before"])
+    assert report["reliability_test_float"]["before"]["ece"] == pytest.approx(report["calibration_float"]["ece_before"])
+    run = shared_tiny_run(tmp_path_factory)
+    manifest = Manifest.load(run / "manifest.json")
+    entries = manifest.subset("test")
+    images = load_images(manifest, entries, PreprocessSpec.square(SIZE), None, "test")
+    probs = np.asarray(keras.models.load_model(run / "model.keras")(images.astype(np.float32), training=False))
+    y = np.array([manifest.label_index(e.label) for e in entries])
+    assert report["calibration_float"]["ece_before"] == pytest.approx(expected_calibration_error(probs, y), abs=1e-5)
+
+    png = source_bundle / trust.RELIABILITY_PLOT
+    assert report["reliability_plot"] == png.name
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    listed = dict(line.split("  ")[::-1] for line in (source_bundle / "MANIFEST.sha256").read_text().splitlines())
+    assert listed[png.name] == sha256_file(png)
+
+    card = (source_bundle / "model_card.md").read_text()
+    section = card[card.index("## Calibration"):]
+    assert "float Keras model" in section and "converted model (int8" in section
+    assert f"({png.name})" in section and f"{report['calibration']['ece_before']:.4f} before" in section
+    card_json = json.loads((source_bundle / "model_card.json").read_text())
+    assert card_json["on_device"]["calibration_float"]["ece_after"] == report["calibration_float"]["ece_after"]
+    assert card_json["on_device"]["calibration"]["ece_after"] == report["calibration"]["ece_after"]
+    assert card_json["on_device"]["reliability_plot"] == png.name
+
+
+def test_a_damaged_reliability_diagram_is_refused(bundle_copy):
+    png = bundle_copy / trust.RELIABILITY_PLOT
+    png.write_bytes(png.read_bytes()[:-10])
+    with pytest.raises(BundleError, match="reliability.png is damaged or was modified"):
+        load_bundle(bundle_copy)
+
+
+def test_reports_say_plainly_when_the_temperature_made_test_worse(source_bundle):
+    from leukoedge.convert import trust_report
+
+    report = json.loads((source_bundle / "trust.json").read_text())
+    cal = dict(report["calibration"], temperature=0.56, ece_before=0.0194, ece_after=0.0232, worse_after=True)
+    report["calibration"] = cal
+    text = trust_report.to_markdown(report, "t")
+    assert "made test calibration worse** (0.0194 -> 0.0232)" in text
+    card = "\n".join(trust_report.calibration_section(report, "int8"))
+    assert "made test calibration worse" in card
+    assert "made test calibration worse" not in "\n".join(trust_report.calibration_lines(report["calibration_float"] | {"worse_after": False}, "f"))
 
 
 def test_temperature_fixes_a_deliberately_over_confident_model():
@@ -216,3 +290,29 @@ def test_options_refuse_bad_trust_settings():
     ]:
         with pytest.raises(UsageError, match=match):
             ConvertOptions(run_dir=Path("r"), out=Path("b"), **kwargs)
+
+
+def test_no_calibrate_reports_both_models_with_the_run_temperature(tmp_path):
+    """``--no-calibrate`` on arrays: both models measured with the run's temperature; report, card and figure render."""
+    from leukoedge.convert import trust_plots, trust_report
+
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 4, 120)
+    logits = rng.normal(0, 1, (120, 4))
+    logits[np.arange(120), y] += 3
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    out = trust.Outputs(probs, None)
+    result = trust.build(
+        "max_softmax", train=trust.Outputs(np.empty((0, 4)), None), y_train=np.empty(0, np.int64),
+        val=out, y_val=y, test=out, y_test=y, ood_sets=[], rate=0.05, calibrate_flag=False,
+        run_temperature=1.5, seed=0, float_val=probs, float_test=probs * 0.5 + 0.125,
+    )
+    rep = result.report
+    assert rep["calibration"]["temperature"] == rep["calibration_float"]["temperature"] == 1.5
+    assert rep["calibration_float"]["fitted_on"] == "run (float model)"
+    assert rep["calibration_float"]["ece_before"] == pytest.approx(expected_calibration_error(probs * 0.5 + 0.125, y))
+    rep["reliability_plot"] = "reliability.png"
+    assert "| float Keras | 1.5000 | n/a |" in trust_report.to_markdown(rep, "t")
+    assert "the training run's (convert --no-calibrate)" in "\n".join(trust_report.calibration_section(rep, "int8"))
+    png = trust_plots.reliability_figure(rep, tmp_path / "reliability.png", "int8")
+    assert png.read_bytes()[:4] == b"\x89PNG" and not list(tmp_path.glob(".*"))

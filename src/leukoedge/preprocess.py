@@ -6,6 +6,13 @@ are byte-for-byte the pixels the model was trained and validated on. Pure
 numpy + Pillow: no TensorFlow, no OpenCV, no normalisation constants (scaling
 to [0, 1] happens inside the model's ``Rescaling`` layer).
 
+An optional colour step (``PreprocessSpec.colour``) runs after the resize:
+grayscale, Reinhard or Macenko normalisation to the fixed references in
+:mod:`leukoedge.stain`. It exists because a model can score ~99 % on Taleqani
+by reading stain and capture colour instead of cells (issue 7); normalising
+here, in the one path, means the device removes exactly the colour variation
+training removed. It runs on the small resized image, so it costs little on a Pi.
+
 What can fail, always as :class:`~leukoedge.errors.InvalidImageError` (or its
 subclass :class:`~leukoedge.errors.ImageTooLargeError`) with a message that
 says why: empty input, not an image, truncated or corrupt data, absurd
@@ -15,13 +22,14 @@ from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from . import stain
 from .errors import ImageTooLargeError, InvalidImageError, UsageError
 
 ImageSource = Union[str, Path, bytes, bytearray, BinaryIO]
@@ -37,6 +45,14 @@ MAX_SIDE = 20_000
 RESIZE_METHOD = "bilinear"
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR}
 
+#: Colour steps, applied after the resize (see :func:`apply_colour`).
+COLOUR_STEPS = {
+    "as-captured": "pixels as the camera delivered them",
+    "grayscale": "BT.601 luma copied to all three channels: the model cannot read colour",
+    "reinhard": "per-image CIELAB mean/std mapped to a fixed Taleqani reference (Reinhard 2001)",
+    "macenko": "per-image stain vectors and concentrations mapped to a fixed reference (Macenko 2009)",
+}
+
 
 @dataclass(frozen=True)
 class PreprocessSpec:
@@ -49,6 +65,8 @@ class PreprocessSpec:
         color_order: channel order fed to the model (only ``"RGB"``).
         fit: how the aspect ratio is handled (only ``"stretch"``: the whole
             field of view is kept, no cells are cropped away).
+        colour: colour step after the resize, one of :data:`COLOUR_STEPS`
+            (``"as-captured"`` = none; bundles without the field mean that).
     """
 
     height: int
@@ -56,6 +74,7 @@ class PreprocessSpec:
     resize_method: str = RESIZE_METHOD
     color_order: str = "RGB"
     fit: str = "stretch"
+    colour: str = "as-captured"
 
     def __post_init__(self) -> None:
         if self.height < 8 or self.width < 8 or self.height > 4096 or self.width > 4096:
@@ -66,10 +85,16 @@ class PreprocessSpec:
             raise UsageError(f"colour order {self.color_order!r} is not supported; only RGB")
         if self.fit != "stretch":
             raise UsageError(f"fit {self.fit!r} is not supported; only 'stretch'")
+        if self.colour not in COLOUR_STEPS:
+            raise UsageError(f"unknown colour step {self.colour!r}; use one of {', '.join(COLOUR_STEPS)}")
 
     @classmethod
-    def square(cls, size: int) -> "PreprocessSpec":
-        return cls(height=int(size), width=int(size))
+    def square(cls, size: int, colour: str = "as-captured") -> "PreprocessSpec":
+        return cls(height=int(size), width=int(size), colour=colour)
+
+    def geometry_only(self) -> "PreprocessSpec":
+        """The same spec without the colour step (the shortcut audit perturbs pixels before it)."""
+        return replace(self, colour="as-captured")
 
     @property
     def size(self) -> tuple[int, int]:
@@ -81,7 +106,7 @@ class PreprocessSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> "PreprocessSpec":
-        known = {"height", "width", "resize_method", "color_order", "fit"}
+        known = {"height", "width", "resize_method", "color_order", "fit", "colour"}
         unknown = set(data) - known
         if unknown:
             raise UsageError(f"unknown preprocessing fields {sorted(unknown)}")
@@ -214,7 +239,18 @@ def prepare(rgb: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
     if arr.ndim == 3 and arr.shape[2] == 4 and arr.dtype == np.uint8:
         return prepare(to_rgb(Image.fromarray(arr, mode="RGBA")), spec)
-    return resize(arr, spec)
+    return apply_colour(resize(arr, spec), spec)
+
+
+def apply_colour(rgb: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """The spec's colour step on an already-resized uint8 HxWx3 array (identity for ``as-captured``)."""
+    if spec.colour == "as-captured":
+        return rgb
+    if spec.colour == "grayscale":
+        return stain.grayscale(rgb)
+    if spec.colour == "reinhard":
+        return stain.reinhard_normalize(rgb)
+    return stain.macenko_normalize(rgb)
 
 
 def load_image(source: ImageSource, spec: PreprocessSpec | None = None, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -223,7 +259,7 @@ def load_image(source: ImageSource, spec: PreprocessSpec | None = None, *, max_p
     This is the function every stage calls on a file or upload.
     """
     rgb = to_rgb(open_image(source, max_pixels=max_pixels))
-    return resize(rgb, spec) if spec is not None else rgb
+    return apply_colour(resize(rgb, spec), spec) if spec is not None else rgb
 
 
 def describe_image(source: ImageSource) -> dict:

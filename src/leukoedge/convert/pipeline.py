@@ -5,8 +5,11 @@ temperature); build the batch-1 export model with named outputs; calibrate on
 the TRAIN split (full-integer modes); convert; write a provisional bundle and
 load it back through the device runtime; grade it against the float model on
 the TEST split; fit the abstention score and the temperature on the converted
-model's own outputs (:mod:`.trust`: train subsample, val, test, ``--ood-dir``);
-write the final bundle (valid or not) and commit it.
+model's own outputs (:mod:`.trust`: train subsample, val, test, ``--ood-dir``),
+measuring the float model's calibration alongside (its test probabilities
+come from the gate) and drawing ``reliability.png`` (:mod:`.trust_plots`);
+write the final bundle (valid or not, model card with a Calibration section)
+and commit it.
 
 A failed gate still writes the bundle, marked ``valid: false`` with the
 reason, so nothing is lost and the device refuses it unless forced; then
@@ -28,7 +31,7 @@ from ..errors import BundleError, ConversionError, ParityError, RunError
 from ..preprocess import PreprocessSpec
 from ..train.rundir import RunConfig, RunDir
 from ..runtime.ood import FEATURE_METHODS
-from . import calibration, edgetpu as edgetpu_check, export, parity, trust, trust_report, writer
+from . import calibration, edgetpu as edgetpu_check, export, parity, trust, trust_plots, trust_report, writer
 from .modes import MODES
 from .options import ConvertOptions
 
@@ -97,15 +100,17 @@ def convert_run(options: ConvertOptions, *, representative_images: np.ndarray | 
         meta = writer.bundle_meta(valid=False, invalid_reason="parity gate not run yet", parity=None, **common)
         writer.write_common(staging, list(run.config.classes), meta)
         writer.finalize(staging)
-        report = _grade(staging, model, run.manifest, test_entries, test_images, options)
+        report, float_test = _grade(staging, model, run.manifest, test_entries, test_images, options)
         report = dataclasses.replace(report, size=size, split_kind=run.manifest.split_kind, leaky=run.manifest.leaky)
-        trusted = _fit_trust(staging, options, run, score, test_entries, test_images)
+        trusted = _fit_trust(staging, options, run, score, test_entries, test_images, model, float_test)
         for name, array in trusted.arrays.items():
             _save_npy(staging / name, array)
         common.update(abstention=trusted.abstention, calibration=trusted.calibration)
+        trust_plots.reliability_figure(trusted.report, staging / trust.RELIABILITY_PLOT, options.quantize)
+        trusted.report["reliability_plot"] = trust.RELIABILITY_PLOT
         write_json(staging / "trust.json", trusted.report)
         atomic_write_text(staging / "trust.md", trust_report.to_markdown(trusted.report, f"Trust report: {run.config.model} ({options.quantize})"))
-        _write_reports(staging, run, report, common)
+        _write_reports(staging, run, report, common, trusted.report)
         writer.commit(staging, options.out)
     finally:
         if staging.exists():
@@ -185,21 +190,24 @@ def _write_model_files(staging: Path, options: ConvertOptions, run: _Run, model,
     return common, tpu_report
 
 
-def _write_reports(staging: Path, run: _Run, report: parity.ParityReport, common: dict) -> None:
-    """Final bundle.json (valid or not), parity.json/.md, model card, checksums."""
+def _write_reports(staging: Path, run: _Run, report: parity.ParityReport, common: dict, trust_report_: dict | None = None) -> None:
+    """Final bundle.json (valid or not), parity.json/.md, model card (with the trust figures), checksums."""
     reason = None if report.passed else "parity gate failed: " + "; ".join(report.reasons)
     meta = writer.bundle_meta(valid=report.passed, invalid_reason=reason, parity=report.summary(), **common)
     writer.write_common(staging, list(run.config.classes), meta)
     write_json(staging / "parity.json", report.to_dict())
     atomic_write_text(staging / "parity.md", report.to_markdown(f"Parity report: {run.config.model} ({report.mode})"))
     writer.write_model_card(
-        staging, writer.read_text_or_none(run.dir.model_card_md), writer.read_json_or_none(run.dir.model_card_json), meta
+        staging, writer.read_text_or_none(run.dir.model_card_md), writer.read_json_or_none(run.dir.model_card_json), meta,
+        trust_report=trust_report_,
     )
     writer.finalize(staging)
 
 
-def _grade(staging: Path, model, manifest: Manifest, entries, images: np.ndarray, options: ConvertOptions) -> parity.ParityReport:
-    """Float Keras vs the provisional bundle through the device runtime."""
+def _grade(
+    staging: Path, model, manifest: Manifest, entries, images: np.ndarray, options: ConvertOptions
+) -> tuple[parity.ParityReport, np.ndarray]:
+    """Float Keras vs the provisional bundle through the device runtime; also the float test probabilities."""
     from ..runtime import Classifier
 
     bundle = load_bundle(staging, allow_invalid=True)
@@ -207,7 +215,7 @@ def _grade(staging: Path, model, manifest: Manifest, entries, images: np.ndarray
     y_true = np.array([manifest.label_index(e.label) for e in entries], dtype=np.int64)
     float_probs = parity.predict_float(model, images)
     quant_probs = parity.predict_device(clf, images)
-    return parity.compare(
+    graded = parity.compare(
         float_probs,
         quant_probs,
         y_true,
@@ -218,6 +226,7 @@ def _grade(staging: Path, model, manifest: Manifest, entries, images: np.ndarray
         min_agreement=options.min_agreement,
         worst=options.worst,
     )
+    return graded, float_probs
 
 
 def _resolve_score(options: ConvertOptions, model) -> str:
@@ -227,8 +236,14 @@ def _resolve_score(options: ConvertOptions, model) -> str:
     return "mahalanobis" if "features" in {layer.name for layer in model.layers} else "max_softmax"
 
 
-def _fit_trust(staging: Path, options: ConvertOptions, run: _Run, score: str, test_entries, test_images) -> trust.TrustResult:
-    """Abstention + calibration on the provisional bundle, through the device runtime (see ``convert.trust``)."""
+def _fit_trust(
+    staging: Path, options: ConvertOptions, run: _Run, score: str, test_entries, test_images, model, float_test: np.ndarray
+) -> trust.TrustResult:
+    """Abstention + calibration on the provisional bundle, through the device runtime (see ``convert.trust``).
+
+    The float Keras model's calibration is measured alongside (its test
+    probabilities come from the parity gate, its validation ones are computed here).
+    """
     from ..runtime import Classifier
 
     clf = Classifier(load_bundle(staging, allow_invalid=True), edgetpu="off")
@@ -262,6 +277,8 @@ def _fit_trust(staging: Path, options: ConvertOptions, run: _Run, score: str, te
         calibrate_flag=options.calibrate,
         run_temperature=run.temperature,
         seed=run.config.seed,
+        float_val=parity.predict_float(model, val_images),
+        float_test=float_test,
     )
 
 

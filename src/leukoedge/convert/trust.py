@@ -15,8 +15,12 @@ The story:
 2. **Threshold** on the VAL split: about ``abstain_rate`` of in-distribution
    validation images abstain (:func:`leukoedge.runtime.ood.choose_threshold`).
 3. **Temperature** fitted on VAL from the converted model's own probabilities,
-   clipped at :data:`LOG_PROB_FLOOR` (int8 rounds small probabilities to 0);
-   ECE before/after measured on TEST with the runtime's own formula.
+   clipped at :data:`LOG_PROB_FLOOR` (int8 rounds small probabilities to 0),
+   conservatively (bootstrap interval end closest to 1, see
+   :func:`calibrate`); ECE before/after measured on TEST with the runtime's
+   own formula. The float Keras model gets the same treatment on its own
+   probabilities (reported only, for comparison: the device runs the
+   converted model).
 4. **Measure** on TEST and on each ``--ood-dir``: AUROC (OOD as positive) and
    abstention rates, decided per image by :meth:`Classifier.abstain`.
 
@@ -41,7 +45,14 @@ from tqdm import tqdm
 from ..errors import ConversionError, InvalidImageError
 from ..preprocess import PreprocessSpec, load_image
 from ..runtime import ood as ood_lib, postprocess
-from ..train.calibration import T_MAX, T_MIN, fit_temperature, log_probs, reliability_diagram
+from ..train.calibration import (
+    T_MAX,
+    T_MIN,
+    bootstrap_ece_sd,
+    fit_temperature_conservative,
+    log_probs,
+    reliability_diagram,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +61,10 @@ LOG_PROB_FLOOR = 1.0 / 512
 SCORES = ("mahalanobis", "knn", "max_softmax")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 KNN_K = 10
+#: How the stored temperature is chosen (see :func:`calibrate`).
+CALIBRATION_METHOD = "nll-bootstrap-conservative"
+#: The reliability diagram written into the bundle (float and converted, before/after).
+RELIABILITY_PLOT = "reliability.png"
 
 
 @dataclass(frozen=True)
@@ -139,33 +154,48 @@ def foreignness(scores: np.ndarray, rule: dict) -> np.ndarray:
     return -scores if rule["abstain_when"] == "below" else scores
 
 
-def calibrate(val: Outputs, y_val: np.ndarray, test: Outputs, y_test: np.ndarray, n_bins: int = 15) -> tuple[dict, dict]:
-    """Temperature fitted on validation; (bundle calibration dict, reliability tables on test)."""
-    fit = fit_temperature(log_probs(val.probs, LOG_PROB_FLOOR), y_val)
-    t = fit.temperature
-    at_bound = not T_MIN * 1.001 < t < T_MAX * 0.999
+def calibrate(
+    val: Outputs, y_val: np.ndarray, test: Outputs, y_test: np.ndarray, n_bins: int = 15, seed: int = 0
+) -> tuple[dict, dict]:
+    """Temperature fitted on validation; (calibration dict, reliability tables on test).
+
+    The temperature is :func:`~leukoedge.train.calibration.fit_temperature_conservative`:
+    the plain NLL fit is kept in the dict (``temperature_nll``, and its test ECE
+    ``ece_after_nll`` for comparison only; nothing is chosen on test). When the
+    conservative choice is exactly 1 the probabilities are left untouched (no
+    floor), so "after" equals "before" on the device.
+    """
+    fit = fit_temperature_conservative(log_probs(val.probs, LOG_PROB_FLOOR), y_val, seed=seed)
+    t, t_nll = fit.temperature, fit.nll.temperature
+    floor = None if t == 1.0 else LOG_PROB_FLOOR
+    at_bound = not T_MIN * 1.001 < t_nll < T_MAX * 0.999
     if at_bound:
         # E.g. a validation split the model gets entirely right wants T -> 0: confidence is
         # then pushed to 1 on every image, including the errors validation did not show.
-        log.warning("the fitted temperature %.3g is at the search bound; validation says little about "
-                    "confidence (see trust.md)", t)
+        log.warning("the NLL temperature %.3g is at the search bound; validation says little about "
+                    "confidence (see trust.md)", t_nll)
     before = reliability_diagram(test.probs, y_test, n_bins)
-    after = reliability_diagram(_apply(test.probs, t), y_test, n_bins)
+    after = reliability_diagram(_apply(test.probs, t, floor), y_test, n_bins)
     cal = {
         "temperature": t,
+        "method": CALIBRATION_METHOD,
+        **{k: v for k, v in fit.to_dict().items() if k != "temperature"},
         "at_search_bound": at_bound,
-        "log_prob_floor": LOG_PROB_FLOOR,
+        "log_prob_floor": floor,
+        "fit_log_prob_floor": LOG_PROB_FLOOR,
         "fitted_on": "val",
         "n_fit": int(len(y_val)),
-        "nll_val_before": fit.nll_before,
-        "nll_val_after": fit.nll_after,
         "ece_val_before": reliability_diagram(val.probs, y_val, n_bins).ece,
-        "ece_val_after": reliability_diagram(_apply(val.probs, t), y_val, n_bins).ece,
+        "ece_val_after": reliability_diagram(_apply(val.probs, t, floor), y_val, n_bins).ece,
         "ece_before": before.ece,
         "ece_after": after.ece,
+        "ece_after_nll": reliability_diagram(_apply(test.probs, t_nll), y_test, n_bins).ece,
+        "ece_before_sd": bootstrap_ece_sd(test.probs, y_test, n_bins, seed=seed),
         "ece_split": "test",
+        "n_test": int(len(y_test)),
         "n_bins": n_bins,
     }
+    cal["worse_after"] = bool(cal["ece_after"] > cal["ece_before"])
     return cal, {"before": before.to_dict(), "after": after.to_dict()}
 
 
@@ -174,7 +204,9 @@ def measure_calibration(temperature: float, test: Outputs, y_test: np.ndarray, n
     before = reliability_diagram(test.probs, y_test, n_bins)
     after = reliability_diagram(_apply(test.probs, temperature, None), y_test, n_bins)
     cal = {"temperature": temperature, "fitted_on": "run (float model)", "ece_before": before.ece,
-           "ece_after": after.ece, "ece_split": "test", "n_bins": n_bins}
+           "ece_after": after.ece, "ece_before_sd": bootstrap_ece_sd(test.probs, y_test, n_bins),
+           "ece_split": "test", "n_test": int(len(y_test)), "n_bins": n_bins}
+    cal["worse_after"] = bool(cal["ece_after"] > cal["ece_before"])
     return cal, {"before": before.to_dict(), "after": after.to_dict()}
 
 
@@ -248,6 +280,8 @@ def build(
     calibrate_flag: bool,
     run_temperature: float,
     seed: int,
+    float_val: np.ndarray | None = None,
+    float_test: np.ndarray | None = None,
 ) -> TrustResult:
     """Fit, threshold, calibrate and measure (see module docstring); pure numpy on device outputs."""
     if len(y_val) == 0:
@@ -269,9 +303,17 @@ def build(
         ood={name: f for name, f in figures["ood"].items()},
     )
     if calibrate_flag:
-        calibration, reliability = calibrate(val, y_val, test, y_test)
+        calibration, reliability = calibrate(val, y_val, test, y_test, seed=seed)
     else:
         calibration, reliability = measure_calibration(run_temperature, test, y_test)
+    float_cal, float_rel = None, None
+    if float_test is not None:
+        f_test = Outputs(np.asarray(float_test, dtype=np.float64), None)
+        if calibrate_flag and float_val is not None:
+            f_val = Outputs(np.asarray(float_val, dtype=np.float64), None)
+            float_cal, float_rel = calibrate(f_val, y_val, f_test, y_test, seed=seed)
+        else:
+            float_cal, float_rel = measure_calibration(run_temperature, f_test, y_test)
     comparison = {}
     for other in SCORES:
         if other == method:
@@ -283,6 +325,8 @@ def build(
         "abstention": {k: v for k, v in rule.items() if k != "scorer"},
         "calibration": calibration,
         "reliability_test": reliability,
+        "calibration_float": float_cal,
+        "reliability_test_float": float_rel,
         "comparison": comparison,
         "ood_sets": {s.name: {"path": str(s.path), "n": len(s.files), "n_held_out": int(s.held_out.sum())} for s in ood_sets},
         "ood_used_for": "evaluation only: nothing in convert is fitted or thresholded on OOD images; "

@@ -27,6 +27,7 @@ from ..bundle import (
     write_manifest,
 )
 from ..errors import RunError, UsageError
+from . import trust_report as trust_report_md
 
 
 def staging_dir(out: Path) -> Path:
@@ -135,8 +136,14 @@ def write_common(staging: Path, labels: list[str], meta: dict) -> None:
     write_json(staging / META_NAME, meta)
 
 
-def write_model_card(staging: Path, run_card_md: str | None, run_card: dict | None, meta: dict) -> None:
-    """The run's model card plus an 'On-device model' section (or a minimal card if the run has none)."""
+def write_model_card(
+    staging: Path, run_card_md: str | None, run_card: dict | None, meta: dict, trust_report: dict | None = None
+) -> None:
+    """The run's model card plus 'On-device model' and 'Calibration' sections (or a minimal card if the run has none).
+
+    ``trust_report`` (``trust.json``) adds the float vs converted calibration
+    figures and a link to the bundle's reliability diagram.
+    """
     conversion = {
         "quantize": meta["quantize"],
         "input": meta["input"],
@@ -149,6 +156,10 @@ def write_model_card(staging: Path, run_card_md: str | None, run_card: dict | No
     }
     card = dict(run_card or {"model": meta["model"]["name"], "labels": meta["labels"]})
     card["on_device"] = conversion
+    if trust_report:
+        # Under on_device (next to the converted model's "calibration"), so a run card's own keys are never replaced.
+        conversion["calibration_float"] = trust_report.get("calibration_float")
+        conversion["reliability_plot"] = trust_report.get("reliability_plot")
     card.setdefault("notice", RESEARCH_NOTICE)
     write_json(staging / "model_card.json", card)
     head = run_card_md.rstrip() if run_card_md else f"# Model card: {meta['model']['name']}\n\n{RESEARCH_NOTICE}"
@@ -167,6 +178,7 @@ def write_model_card(staging: Path, run_card_md: str | None, run_card: dict | No
         f"float accuracy {parity.get('float_accuracy', float('nan')):.4f}, converted {parity.get('quant_accuracy', float('nan')):.4f}, "
         f"agreement {parity.get('agreement', float('nan')):.4f} (details in parity.md)",
         *_trust_lines(meta),
+        *trust_report_md.calibration_section(trust_report, meta["quantize"]),
         "",
         RESEARCH_NOTICE,
         "",

@@ -17,7 +17,15 @@ Operations (per image, on float32 0..255 RGB):
 - brightness / contrast / hue: lamp and camera differences;
 - stain jitter: per-channel scale and offset in optical density
   (``-log(I/255)``), an RGB approximation of HED jitter (Tellez et al. 2018)
-  that mimics stronger/weaker staining rather than a global colour cast.
+  that mimics stronger/weaker staining rather than a global colour cast;
+- HED jitter (``hed``): Tellez et al. (2018) scale and shift of each stain
+  concentration after colour deconvolution with the matrix in
+  :mod:`leukoedge.stain` (the same formula as ``stain.hed_jitter``);
+- random grayscale (``grayscale``, a probability): on those images only shape
+  and intensity are left, so colour cannot be the whole answer.
+
+The ``robust`` recipe turns the last two up: it is the "do not take the colour
+shortcut" recipe of issue 7 (compare in benchmarks/results/robustness.md).
 """
 from __future__ import annotations
 
@@ -25,6 +33,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from ..errors import UsageError
+from ..stain import HED_FROM_RGB, LUMA, RGB_FROM_HED
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,8 @@ class AugmentConfig:
         contrast: max relative contrast change.
         hue: max hue shift (fraction of the colour wheel).
         stain: max relative optical-density scale/offset per channel.
+        hed: HED jitter strength (sigma = bias; 0.05 light, 0.2 strong).
+        grayscale: probability of replacing an image by its luma.
     """
 
     flip: bool = True
@@ -54,8 +65,13 @@ class AugmentConfig:
     contrast: float = 0.1
     hue: float = 0.02
     stain: float = 0.05
+    hed: float = 0.0
+    grayscale: float = 0.0
 
     def __post_init__(self) -> None:
+        if not (0.0 <= self.grayscale <= 1.0) or not (0.0 <= self.hed < 1.0):
+            raise UsageError(f"augmentation grayscale must be a probability and hed in [0, 1), got "
+                             f"{self.grayscale}, {self.hed}")
         for name in ("rotation_deg", "shift", "zoom", "shear_deg", "brightness", "contrast", "hue", "stain"):
             if getattr(self, name) < 0:
                 raise UsageError(f"augmentation {name} must be >= 0, got {getattr(self, name)}")
@@ -82,6 +98,7 @@ RECIPES: dict[str, AugmentConfig] = {
                               shear_deg=11.0, brightness=0.0, contrast=0.0, hue=0.0, stain=0.0),
     "none": AugmentConfig(flip=False, rot90=False, rotation_deg=0.0, shift=0.0, zoom=0.0, shear_deg=0.0,
                           brightness=0.0, contrast=0.0, hue=0.0, stain=0.0),
+    "robust": AugmentConfig(brightness=0.15, contrast=0.2, hue=0.05, stain=0.1, hed=0.15, grayscale=0.3),
 }
 
 
@@ -96,7 +113,7 @@ def augment_image(image, seed, cfg: AugmentConfig):
     """Augment one float32 HxWx3 image in 0..255 with a stateless ``seed`` (int64[2])."""
     import tensorflow as tf
 
-    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=10)
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=12)
     if cfg.flip:
         image = tf.image.stateless_random_flip_left_right(image, seeds[0])
         image = tf.image.stateless_random_flip_up_down(image, seeds[1])
@@ -105,6 +122,8 @@ def augment_image(image, seed, cfg: AugmentConfig):
         image = tf.image.rot90(image, k)
     if cfg.has_affine:
         image = _affine(image, seeds[3], cfg)
+    if cfg.hed:
+        image = _hed(image, seeds[8], cfg.hed)
     x = image / 255.0
     if cfg.stain:
         x = _stain(x, seeds[4], cfg.stain)
@@ -115,7 +134,24 @@ def augment_image(image, seed, cfg: AugmentConfig):
         x = tf.image.adjust_contrast(x, factor)
     if cfg.hue:
         x = tf.image.adjust_hue(tf.clip_by_value(x, 0.0, 1.0), tf.random.stateless_uniform([], seeds[7], -cfg.hue, cfg.hue))
+    if cfg.grayscale:
+        luma = tf.reduce_sum(tf.clip_by_value(x, 0.0, 1.0) * tf.constant(LUMA, tf.float32), axis=-1, keepdims=True)
+        gray = tf.random.stateless_uniform([], seeds[9], 0.0, 1.0) < cfg.grayscale
+        x = tf.where(gray, tf.repeat(luma, 3, axis=-1), x)
     return tf.clip_by_value(x * 255.0, 0.0, 255.0)
+
+
+def _hed(image, seed, strength: float):
+    """HED jitter on float 0..255 RGB: the TensorFlow twin of :func:`leukoedge.stain.hed_jitter`."""
+    import tensorflow as tf
+
+    s = tf.random.experimental.stateless_split(seed, num=2)
+    alpha = tf.random.stateless_uniform([3], s[0], 1 - strength, 1 + strength)
+    beta = tf.random.stateless_uniform([3], s[1], -strength, strength)
+    od = -tf.math.log((tf.clip_by_value(image, 0.0, 255.0) + 1.0) / 256.0)
+    hed = tf.tensordot(od, tf.constant(HED_FROM_RGB, tf.float32), axes=1) * alpha + beta
+    od = tf.tensordot(hed, tf.constant(RGB_FROM_HED, tf.float32), axes=1)
+    return tf.clip_by_value(256.0 * tf.exp(-od) - 1.0, 0.0, 255.0)
 
 
 def _affine(image, seed, cfg: AugmentConfig):

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UsageError
+from ..preprocess import COLOUR_STEPS
 
 
 def register(subparsers) -> None:
@@ -28,9 +29,11 @@ def register(subparsers) -> None:
     p.add_argument("--lr", type=float, help="peak learning rate (default: the model's)")
     p.add_argument("--input-size", type=int, help="square input size in px (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--augment", metavar="RECIPE", help="augmentation recipe: default, paper003, none "
+    p.add_argument("--augment", metavar="RECIPE", help="augmentation recipe: default, paper003, robust, none "
                                                        "(default: the model's)")
     p.add_argument("--no-augment", action="store_true", help="train without augmentation")
+    p.add_argument("--colour", choices=tuple(COLOUR_STEPS), help="colour step of the preprocessing path, applied "
+                   "in training and on the device (default as-captured)")
     p.add_argument("--patience", type=int, default=8, help="early-stopping patience in epochs (default 8)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.keras")
     p.add_argument("--distribute", choices=("auto", "mirrored", "none"), default="auto",
@@ -58,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     opts = TrainOptions(
         out=Path(args.out), model=args.model, manifest=manifest, data_root=args.data, epochs=args.epochs,
         batch_size=args.batch, learning_rate=args.lr, input_size=args.input_size, seed=args.seed,
-        augment="none" if args.no_augment else args.augment, resume=args.resume, patience=args.patience,
+        augment="none" if args.no_augment else args.augment, colour=args.colour, resume=args.resume, patience=args.patience,
         distribute=args.distribute, ood_dirs=tuple(args.ood))
     result = train(opts)
     metrics = result["metrics"] or {}

@@ -38,7 +38,7 @@ class ImageCache:
         self._arrays: dict[tuple[str, int, int], np.ndarray] = {}
 
     def get(self, path: Path, spec: PreprocessSpec) -> np.ndarray:
-        key = (str(path), spec.height, spec.width)
+        key = (str(path), spec.height, spec.width, spec.colour)
         arr = self._arrays.get(key)
         if arr is None:
             try:

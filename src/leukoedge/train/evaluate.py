@@ -92,12 +92,29 @@ def evaluate_run(run_dir: str | Path, splits: Sequence[str] = ("val", "test"), o
     history = rd.read(rd.history_path)
     if history and history.get("history"):
         plots.training_curves(history["history"], rd.plots_dir / "training_curves.png")
+    write_card(rd.path, results, ood)
+    return results
+
+
+def write_card(run_dir: str | Path, results: dict[str, dict], ood: dict | None = None) -> dict:
+    """(Re)write ``model_card.{json,md}`` from ``results`` (metrics per split) and the run directory's files.
+
+    Picks up ``ood.json`` (when ``ood`` is None), the training summary and, when
+    present, ``audit.json`` (the "Shortcut audit" section; flagged stale if
+    ``model.keras`` changed since). ``eval --audit`` calls it again after the audit.
+    """
+    from .audit_run import load_audit
+
+    rd = RunDir(run_dir)
+    config, manifest = rd.config(), rd.manifest()
+    ood = ood if ood is not None else rd.read(rd.ood_path)
+    history = rd.read(rd.history_path)
     training = {k: history[k] for k in ("epochs_run", "best_epoch", "stopped_early", "train_seconds", "devices")
                 if history and k in history}
-    card = jsonable(build_card(config, manifest, results, ood, training))
+    card = jsonable(build_card(config, manifest, results, ood, training, audit=load_audit(rd.path)))
     write_json(rd.model_card_json, card)
     _write_text(rd.model_card_md, render_markdown(card))
-    return results
+    return card
 
 
 def _split_plots(rd: RunDir, split: str, y, probs, summary: dict, classes) -> None:

@@ -104,3 +104,67 @@ def reliability(bins: dict, ece: float, path: Path) -> Path:
     ax.set_title(f"reliability (ECE {ece:.3f})")
     ax.legend(loc="upper left")
     return _save(fig, path)
+
+
+def audit_perturbations(perturbations: dict, baseline: dict | None, path: Path, title: str = "") -> Path:
+    """Accuracy (and benign-vs-malignant accuracy) per perturbation with 95 % CI error bars.
+
+    ``perturbations`` is ``audit.run_audit(...)["perturbations"]`` (JSON-ready);
+    the colour-only baseline's accuracy is drawn as a reference line: bars near
+    or below it mean the model does no better than colour statistics.
+    """
+    plt = _pyplot()
+    names = list(perturbations)
+    has_bvm = all("benign_vs_malignant_accuracy" in perturbations[n] for n in names)
+    keys = ["accuracy"] + (["benign_vs_malignant_accuracy"] if has_bvm else [])
+    fig, ax = plt.subplots(figsize=(8, 0.42 * len(names) * len(keys) + 1.8))
+    height = 0.8 / len(keys)
+    ypos = np.arange(len(names))
+    for k, key in enumerate(keys):
+        vals = np.array([perturbations[n][key]["value"] for n in names])
+        err = np.array([[v - perturbations[n][key]["low"], perturbations[n][key]["high"] - v]
+                        for n, v in zip(names, vals)]).T
+        ax.barh(ypos + (k - (len(keys) - 1) / 2) * height, vals, height=height * 0.95, xerr=err, capsize=2,
+                label=key.replace("_", " "), alpha=0.8)
+    if baseline:
+        styles = {"histogram": ("crimson", "--"), "mean_std": ("darkorange", ":")}
+        for kind, entry in baseline.items():
+            if isinstance(entry, dict) and "accuracy" in entry and kind in styles:
+                colour, style = styles[kind]
+                ax.axvline(entry["accuracy"]["value"], color=colour, linestyle=style,
+                           label=f"colour-only baseline ({kind}) {entry['accuracy']['value']:.2f}")
+    ax.set_yticks(ypos, names)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.02)
+    ax.set_xlabel("accuracy (95 % bootstrap CI)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.6 / fig.get_figheight()), ncol=2, fontsize=8)
+    ax.set_title(title or "accuracy under perturbations that keep morphology")
+    return _save(fig, path)
+
+
+def audit_panel(examples: Sequence[dict], path: Path, title: str = "", ncols: int = 6) -> Path:
+    """Grid of images with their heatmap overlaid and the white-cell mask outlined.
+
+    Each example: ``image`` uint8 HxWx3, ``heatmap`` HxW in [0, 1] or None,
+    ``mask`` bool HxW, ``title`` str, ``wrong`` bool (title in red).
+    """
+    plt = _pyplot()
+    n = max(len(examples), 1)
+    ncols = min(ncols, n)
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.3 * ncols, 2.6 * nrows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, ex in zip(axes.ravel(), examples):
+        ax.imshow(ex["image"])
+        if ex.get("heatmap") is not None:
+            ax.imshow(ex["heatmap"], cmap="jet", alpha=0.4, vmin=0.0, vmax=1.0, interpolation="bilinear")
+        mask = np.asarray(ex["mask"], dtype=float)
+        if 0 < mask.mean() < 1:
+            ax.contour(mask, levels=[0.5], colors="white", linewidths=1.0)
+        ax.set_title(ex["title"], fontsize=7, color="red" if ex.get("wrong") else "black")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -46,10 +46,11 @@ class RunConfig:
     augmentation: dict = field(default_factory=dict)
     data_root: str = ""
     extra: dict = field(default_factory=dict)
+    colour: str = "as-captured"
 
     @property
     def preprocess_spec(self) -> PreprocessSpec:
-        return PreprocessSpec.square(self.input_size)
+        return PreprocessSpec.square(self.input_size, self.colour)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -53,6 +53,7 @@ from tqdm import tqdm
 from .. import __version__
 from ..data.records import Manifest
 from ..errors import DatasetError, UsageError
+from ..preprocess import PreprocessSpec
 from .augment import recipe
 from .dataset import ImageCache, class_weights, eval_dataset, load_split, steps_per_epoch, train_dataset
 from .rundir import RunConfig, RunDir, read_json, write_json
@@ -72,7 +73,9 @@ class TrainOptions:
         data_root: dataset root; overrides the manifest's root when the data moved.
         epochs / batch_size / learning_rate / input_size: None -> registry defaults.
         seed: seeds weights, order, augmentation and dropout.
-        augment: recipe name (``default``, ``paper003``, ``none``); None -> registry default.
+        augment: recipe name (``default``, ``paper003``, ``robust``, ``none``); None -> registry default.
+        colour: the preprocessing colour step (see ``leukoedge.preprocess.COLOUR_STEPS``); it
+            travels in the run config and the bundle, so the device applies it too.
         resume: continue from ``last.keras`` + ``state.json``.
         patience: early-stopping patience in epochs.
         distribute: ``auto`` | ``mirrored`` | ``none`` (see module docstring).
@@ -90,6 +93,7 @@ class TrainOptions:
     input_size: int | None = None
     seed: int = 0
     augment: str | None = None
+    colour: str | None = None
     resume: bool = False
     patience: int = 8
     distribute: str = "auto"
@@ -131,6 +135,7 @@ def resolve_config(opts: TrainOptions) -> RunConfig:
         learning_rate=float(opts.learning_rate or entry.train.learning_rate),
         augmentation={"recipe": aug_name, "enabled": aug.enabled, "where": "tf.data", **aug.to_dict()},
         data_root=str(Path(opts.data_root).resolve()) if opts.data_root else manifest.root,
+        colour=PreprocessSpec.square(8, opts.colour or "as-captured").colour,
         extra={"optimizer": entry.train.optimizer, "patience": opts.patience, "schedule": "cosine per epoch to 1 %",
                "loss": "sparse categorical cross-entropy, class-weighted", "distribute": opts.distribute,
                "leukoedge_version": __version__, "tensorflow_version": tf.__version__,
@@ -141,7 +146,7 @@ def resolve_config(opts: TrainOptions) -> RunConfig:
 def _check_resume(opts: TrainOptions, config: RunConfig) -> None:
     """Refuse a --resume whose explicit options contradict the run (never rewrite silently)."""
     given = {"model": opts.model, "epochs": opts.epochs, "batch_size": opts.batch_size,
-             "learning_rate": opts.learning_rate, "input_size": opts.input_size}
+             "learning_rate": opts.learning_rate, "input_size": opts.input_size, "colour": opts.colour}
     clashes = [f"{k}={v} (run has {getattr(config, k)})" for k, v in given.items()
                if v is not None and v != getattr(config, k)]
     if clashes:
