@@ -62,7 +62,8 @@ ROWS = [
     dict(name="efficientnet-lite0", model="efficientnet-lite0", split="block",
          args=["--epochs", "10", "--input-size", "128"], note="224 px default; 128 px, 10 epochs here"),
     dict(name="mobilenetv2-1.0", model="mobilenetv2-1.0", split="block", args=["--epochs", "10", "--input-size", "128"],
-         note="224 px default; 128 px, 10 epochs here"),
+         note="224 px default; 128 px, 10 epochs here; interrupted after epoch 3 and continued with "
+              "`leukoedge train --resume` (train time is the sum of both parts)"),
     dict(name="seed-vgg16", model="seed-vgg16", split="block", args=["--epochs", "4", "--input-size", "64", "--batch", "32"],
          note="paper: 224 px, 10 epochs, batch 128; 64 px, 4 epochs, batch 32 here (15 GMACs at 224 is beyond 2 cores)"),
 ]
