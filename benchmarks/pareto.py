@@ -89,7 +89,7 @@ def plot(points: list[dict], fronts: dict[str, list[int]], machine: str, threads
         ax.set_xlabel(label + (" (log scale)" if wide else ""))
         ax.set_ylabel("int8 accuracy on the test split (%)")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="best", fontsize=8)
     fig.suptitle(f"leukoedge model zoo: accuracy vs latency and size. {machine}. Research use only.", fontsize=10)
     tmp = out.with_name(f".{out.name}.tmp.png")
     fig.savefig(tmp, dpi=120)
