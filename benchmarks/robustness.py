@@ -4,7 +4,8 @@
     nice -n 10 python benchmarks/robustness.py [--runs /work/runs] [--train] [--convert] [--work DIR]
 
 Variants (same net ``leuko-small``, same block-split manifest, same 24 epochs as
-the Taleqani benchmark's baseline row; only the colour handling differs):
+the Taleqani benchmark's baseline row unless a variant says otherwise; only the
+colour handling differs):
 
 - ``baseline``: default augmentation, pixels as captured (the benchmark row);
 - ``robust-aug``: ``--augment robust`` (HED stain jitter 0.15, random grayscale
@@ -12,13 +13,21 @@ the Taleqani benchmark's baseline row; only the colour handling differs):
 - ``grayscale``: ``--colour grayscale`` in the ONE preprocessing path (the model
   never sees colour, on the workstation or on the device);
 - ``reinhard-robust``: ``--colour reinhard`` (per-image CIELAB statistics mapped
-  to a fixed reference) plus the robust augmentation.
+  to a fixed reference) plus the robust augmentation;
+- ``consistency``: the robust augmentation plus ``--consistency 10``: each image
+  twice per batch with the same geometry and independent colour draws, and
+  10 x the Jensen-Shannon divergence of the two predictions added to the loss
+  (``leukoedge.train.consistency``);
+- ``consistency-48ep``: the same with 48 epochs.
 
 For each finished run: ``leukoedge eval RUN --audit`` (colour-only baseline,
 accuracy under grayscale / colour normalisation / HED jitter / background
 flattening with 95 % intervals, heatmap mass on white cells) and, with
 ``--convert``, the int8 conversion through the parity gate. ``--train`` trains
-missing variants first (about 10-20 min each on 2 cores).
+missing variants first (about 10-20 min each on 2 cores). A variant whose run
+directory is absent keeps its row from the committed ``robustness.json``
+(marked with the date it was measured), so one new variant can be added
+without retraining the others.
 
 Writes ``benchmarks/results/robustness.{md,json}``. Needs TensorFlow and the
 Taleqani images (``/work/shared/datasets``).
@@ -29,6 +38,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from _common import REPO, RESULTS, main_guard, write_results
@@ -36,7 +46,8 @@ from _common import REPO, RESULTS, main_guard, write_results
 DATA = Path("/work/shared/datasets/taleqani-all/Original")
 OOD = Path("/work/shared/datasets/ood/bccd-fields")
 OOD_SETS = (Path("/work/shared/datasets/ood/pbc-cells"), OOD)
-COMMON = ["--model", "leuko-small", "--epochs", "24", "--batch", "32"]
+COMMON = ["--model", "leuko-small", "--batch", "32"]
+EPOCHS = 24
 
 VARIANTS = [
     dict(name="baseline", run="taleqani-leuko-small", args=[], colour="as-captured", augment="default",
@@ -48,6 +59,13 @@ VARIANTS = [
     dict(name="reinhard-robust", run="robust-leuko-small-reinhard-robust",
          args=["--colour", "reinhard", "--augment", "robust"], colour="reinhard", augment="robust",
          what="Reinhard normalisation in the preprocessing path + robust augmentation"),
+    dict(name="consistency", run="robust-leuko-small-consistency", args=["--augment", "robust", "--consistency", "10"],
+         colour="as-captured", augment="robust + consistency 10",
+         what="robust augmentation + Jensen-Shannon consistency between two colour views (weight 10)"),
+    dict(name="consistency-48ep", run="robust-leuko-small-consistency-48ep",
+         args=["--augment", "robust", "--consistency", "10"], epochs=48, colour="as-captured",
+         augment="robust + consistency 10, 48 epochs",
+         what="as consistency, twice the epochs (its validation accuracy was flat at 24)"),
 ]
 
 #: Audit perturbations shown as columns (names from leukoedge.train.audit.PERTURBATIONS).
@@ -59,7 +77,8 @@ GOALS = {"bvm_grayscale": 0.97, "bvm_colour_normalised": 0.97, "clean": 0.99}
 
 
 def train_cmd(variant: dict, runs: Path, manifest: Path) -> list[str]:
-    return ["leukoedge", "train", "--data", str(DATA), "--manifest", str(manifest), *COMMON, *variant["args"],
+    return ["leukoedge", "train", "--data", str(DATA), "--manifest", str(manifest), *COMMON,
+            "--epochs", str(variant.get("epochs", EPOCHS)), *variant["args"],
             "--ood", str(OOD), "--out", str(runs / variant["run"])]
 
 
@@ -105,6 +124,17 @@ def collect(variant: dict, run: Path, work: Path, convert: bool) -> dict:
     return row
 
 
+def committed_rows() -> dict[str, dict]:
+    """Rows of the committed results by variant name (for variants not re-run now)."""
+    path = RESULTS / "robustness.json"
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    rows = data.get("results", data).get("rows", [])
+    date = data.get("machine", {}).get("date_utc", "")[:10]
+    return {r["name"]: {**r, "measured": r.get("measured") or date} for r in rows}
+
+
 def goal_lines(row: dict) -> list[str]:
     p = row["perturbations"]
     checks = [
@@ -131,7 +161,7 @@ def markdown(rows: list[dict]) -> str:
         "",
         f"Data: `taleqani-all/Original`, capture-block split (the Taleqani benchmark's block manifest); every figure "
         f"is on its test split ({rows[0]['n_test'] if rows else '?'} images) with a 95 % bootstrap interval. "
-        "Same net (leuko-small, 160 px), same 24 epochs; only the colour handling differs. Perturbations are applied "
+        "Same net (leuko-small, 160 px), 24 epochs unless the variant says otherwise; only the colour handling differs. Perturbations are applied "
         "to the resized image BEFORE the run's own colour step, as a camera or stain change would be.",
         "",
         "## Four-class accuracy under perturbations",
@@ -173,7 +203,8 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"- **{r['name']}**: " + "; ".join(goal_lines(r)))
     lines += ["", "## Commands", ""]
     for r in rows:
-        lines.append(f"- {r['name']}: `{r['train_command']}` then `leukoedge eval {r['run_dir']} --audit`")
+        lines.append(f"- {r['name']} (measured {r.get('measured', '?')}): `{r['train_command']}` then "
+                     f"`leukoedge eval {r['run_dir']} --audit`")
     return "\n".join(lines)
 
 
@@ -192,14 +223,21 @@ def main() -> int:
         print(f"needs {DATA} and {manifest} (made by benchmarks/taleqani_zoo.py)", file=sys.stderr)
         return 1
     rows = []
+    committed = committed_rows()
     for variant in VARIANTS:
         if args.only and variant["name"] not in args.only:
+            if variant["name"] in committed:
+                rows.append(committed[variant["name"]])
             continue
         run = args.runs / variant["run"]
         cmd = train_cmd(variant, args.runs, manifest)
         if not (run / "metrics.json").exists():
             if not args.train:
-                print(f"skip {variant['name']}: {run} not trained (use --train)", file=sys.stderr)
+                if variant["name"] in committed:
+                    print(f"{variant['name']}: {run} absent, keeping the committed row", file=sys.stderr)
+                    rows.append(committed[variant["name"]])
+                else:
+                    print(f"skip {variant['name']}: {run} not trained (use --train)", file=sys.stderr)
                 continue
             if leukoedge(cmd) != 0:
                 print(f"training {variant['name']} failed", file=sys.stderr)
@@ -208,7 +246,8 @@ def main() -> int:
             if leukoedge(["leukoedge", "eval", str(run), "--audit", "--ood", str(OOD)]) != 0:
                 print(f"audit of {variant['name']} failed", file=sys.stderr)
                 continue
-        rows.append(dict(collect(variant, run, args.work, args.convert), train_command=" ".join(cmd)))
+        rows.append(dict(collect(variant, run, args.work, args.convert), train_command=" ".join(cmd),
+                         measured=time.strftime("%Y-%m-%d", time.gmtime())))
     if not rows:
         print("no finished variant to report", file=sys.stderr)
         return 1

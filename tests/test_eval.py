@@ -163,6 +163,22 @@ def test_eval_cli(degenerate_run, capsys):
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "test: n=8 accuracy 0.2500" in out and "COLLAPSED" in out
+    # no --ood: the OOD folder of the earlier evaluation is scored again, not dropped
+    assert read_json(degenerate_run / "ood.json")["auroc"]["ood"]["n"] == 5
+
+
+def test_eval_without_ood_keeps_a_vanished_folder_as_stale(degenerate_run, tmp_path):
+    from leukoedge.train.evaluate import evaluate_run
+
+    ood_dir = Path(read_json(degenerate_run / "config.json")["data_root"]) / "ood"
+    evaluate_run(degenerate_run, ("test",), [ood_dir], n_resamples=50)
+    moved = ood_dir.rename(tmp_path / "ood-moved")
+    try:
+        evaluate_run(degenerate_run, ("test",), n_resamples=50)
+    finally:
+        moved.rename(ood_dir)
+    entry = read_json(degenerate_run / "ood.json")["auroc"]["ood"]
+    assert entry["stale"] is True and entry["n"] == 5 and "earlier" in entry["note"]
 
 
 def test_eval_refuses_an_incomplete_run_dir(tmp_path):

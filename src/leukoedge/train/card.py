@@ -57,7 +57,9 @@ def build_card(config: RunConfig, manifest: Manifest, metrics: dict[str, dict], 
             "counts": manifest.counts(),
         },
         "training": {"epochs": config.epochs, "batch_size": config.batch_size, "learning_rate": config.learning_rate,
-                     "seed": config.seed, "augmentation": config.augmentation, **(training or {})},
+                     "seed": config.seed, "augmentation": config.augmentation,
+                     "loss": config.extra.get("loss", "sparse categorical cross-entropy"),
+                     "consistency": config.extra.get("consistency"), **(training or {})},
         "metrics": {split: {k: m[k] for k in ("n", "accuracy", "macro_f1", "weighted_f1", "ece", "macro_auc",
                                                "intervals", "per_class", "confusion_matrix") if k in m}
                     for split, m in metrics.items()},
@@ -129,7 +131,8 @@ def render_markdown(card: dict) -> str:
               f"- epochs {t.get('epochs_run', t['epochs'])} of max {t['epochs']}, batch {t['batch_size']}, "
               f"learning rate {t['learning_rate']}, seed {t['seed']}",
               f"- augmentation: {t['augmentation'].get('recipe', 'custom')} "
-              f"({'on' if t['augmentation'].get('enabled') else 'off'})"]
+              f"({'on' if t['augmentation'].get('enabled') else 'off'})",
+              f"- loss: {t.get('loss', 'sparse categorical cross-entropy')}"]
     if t.get("train_seconds") is not None:
         lines.append(f"- training time {t['train_seconds']:.0f} s on {t.get('devices', '?')}")
     lines += ["", "## Metrics", ""]

@@ -34,6 +34,10 @@ def register(subparsers) -> None:
     p.add_argument("--no-augment", action="store_true", help="train without augmentation")
     p.add_argument("--colour", choices=tuple(COLOUR_STEPS), help="colour step of the preprocessing path, applied "
                    "in training and on the device (default as-captured)")
+    p.add_argument("--consistency", type=float, metavar="WEIGHT",
+                   help="colour-consistency loss: each image is shown twice in its batch, differing only in colour, "
+                        "and WEIGHT x the Jensen-Shannon divergence of the two predictions is added (0 = off, "
+                        "default; try 10 with --augment robust; doubles the images per step)")
     p.add_argument("--patience", type=int, default=8, help="early-stopping patience in epochs (default 8)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.keras")
     p.add_argument("--distribute", choices=("auto", "mirrored", "none"), default="auto",
@@ -62,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         out=Path(args.out), model=args.model, manifest=manifest, data_root=args.data, epochs=args.epochs,
         batch_size=args.batch, learning_rate=args.lr, input_size=args.input_size, seed=args.seed,
         augment="none" if args.no_augment else args.augment, colour=args.colour, resume=args.resume, patience=args.patience,
-        distribute=args.distribute, ood_dirs=tuple(args.ood))
+        distribute=args.distribute, ood_dirs=tuple(args.ood), consistency=args.consistency)
     result = train(opts)
     metrics = result["metrics"] or {}
     for split in ("val", "test"):

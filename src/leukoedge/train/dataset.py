@@ -73,9 +73,18 @@ def epoch_orders(n: int, seed: int, first_epoch: int, last_epoch: int) -> np.nda
 
 
 def train_dataset(x: np.ndarray, y: np.ndarray, *, batch_size: int, seed: int, first_epoch: int,
-                  last_epoch: int, augment: AugmentConfig):
-    """Batches for epochs ``first_epoch..last_epoch-1``, shuffled and augmented per (seed, epoch)."""
+                  last_epoch: int, augment: AugmentConfig, paired: bool = False, drop_remainder: bool = False):
+    """Batches for epochs ``first_epoch..last_epoch-1``, shuffled and augmented per (seed, epoch).
+
+    ``paired``: each image appears twice, as adjacent elements ``[a, b]`` that
+    share the geometric transform and differ in colour (view ``a`` is exactly
+    the unpaired augmentation, view ``b`` uses
+    :data:`~leukoedge.train.consistency.PAIR_VIEW`); batches then hold
+    ``2 * batch_size`` images, for :class:`~leukoedge.train.consistency.PairedConsistencyLoss`.
+    """
     import tensorflow as tf
+
+    from .consistency import PAIR_VIEW, colour_only, geometry_only
 
     n = len(y)
     orders = epoch_orders(n, seed, first_epoch, last_epoch)
@@ -89,23 +98,44 @@ def train_dataset(x: np.ndarray, y: np.ndarray, *, batch_size: int, seed: int, f
 
         def load(index, position):
             image = tf.cast(tf.gather(images, index), tf.float32)
-            if augment.enabled:
-                image = augment_image(image, tf.stack([tf.constant(seed, tf.int64), epoch * n + position]), augment)
-            return image, tf.gather(labels, index)
+            key = tf.stack([tf.constant(seed, tf.int64), epoch * n + position])
+            if not paired:
+                if augment.enabled:
+                    image = augment_image(image, key, augment)
+                return image, tf.gather(labels, index)
+            shared = augment_image(image, key, geometry_only(augment))
+            view_a = augment_image(shared, key, colour_only(augment))
+            view_b = augment_image(shared, key + tf.constant([1_000_003, 0], tf.int64), PAIR_VIEW)
+            label = tf.gather(labels, index)
+            return tf.stack([view_a, view_b]), tf.stack([label, label])
 
-        return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+        batches = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size, drop_remainder=drop_remainder)
+        if paired:
+            shape = tf.constant([-1, *x.shape[1:]])
+            batches = batches.map(lambda im, lab: (tf.reshape(im, shape), tf.reshape(lab, [-1])))
+        return batches
 
     ds = tf.data.Dataset.from_tensor_slices((orders, epochs)).flat_map(one_epoch)
     return ds.prefetch(2)
 
 
-def eval_dataset(x: np.ndarray, y: np.ndarray | None = None, *, batch_size: int = 64):
-    """Un-augmented batches in manifest order (float32 0..255)."""
+def eval_dataset(x: np.ndarray, y: np.ndarray | None = None, *, batch_size: int = 64, paired: bool = False):
+    """Un-augmented batches in manifest order (float32 0..255).
+
+    ``paired``: every image twice in a row (two identical "views"), so a model
+    compiled with the paired consistency loss reports plain cross-entropy as
+    its validation loss (the divergence of identical views is 0).
+    """
     import tensorflow as tf
 
     images = tf.data.Dataset.from_tensor_slices(x).map(lambda im: tf.cast(im, tf.float32))
     ds = images if y is None else tf.data.Dataset.zip((images, tf.data.Dataset.from_tensor_slices(y)))
-    return ds.batch(batch_size).prefetch(2)
+    if not paired:
+        return ds.batch(batch_size).prefetch(2)
+    shape = tf.constant([-1, *x.shape[1:]])
+    twice = (lambda im: tf.stack([im, im])) if y is None else (lambda im, lab: (tf.stack([im, im]), tf.stack([lab, lab])))
+    flat = (lambda im: tf.reshape(im, shape)) if y is None else (lambda im, lab: (tf.reshape(im, shape), tf.reshape(lab, [-1])))
+    return ds.map(twice).batch(batch_size).map(flat).prefetch(2)
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:

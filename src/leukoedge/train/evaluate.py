@@ -87,7 +87,15 @@ def evaluate_run(run_dir: str | Path, splits: Sequence[str] = ("val", "test"), o
         write_json(rd.metrics_path(split), results[split])
         _split_plots(rd, split, y, probs, summary, config.classes)
 
+    # Without --ood, the folders of the last evaluation are scored again (never dropped silently);
+    # one that has vanished keeps its old figure, marked stale.
+    previous = {} if ood_dirs else (rd.read(rd.ood_path) or {}).get("auroc", {})
+    ood_dirs = list(ood_dirs) or [e["path"] for e in previous.values() if Path(e.get("path", "")).is_dir()]
     ood = _ood_report(model, probs_by_split, ood_dirs, spec, batch_size)
+    for name, entry in previous.items():
+        if name not in ood["auroc"]:
+            ood["auroc"][name] = {**entry, "stale": True,
+                                  "note": "folder not found at this evaluation; the figure is from an earlier one"}
     write_json(rd.ood_path, jsonable(ood))
     history = rd.read(rd.history_path)
     if history and history.get("history"):

@@ -55,6 +55,7 @@ from ..data.records import Manifest
 from ..errors import DatasetError, UsageError
 from ..preprocess import PreprocessSpec
 from .augment import recipe
+from .consistency import PairedConsistencyLoss, check_replicas, check_weight, describe
 from .dataset import ImageCache, class_weights, eval_dataset, load_split, steps_per_epoch, train_dataset
 from .rundir import RunConfig, RunDir, read_json, write_json
 
@@ -81,6 +82,8 @@ class TrainOptions:
         distribute: ``auto`` | ``mirrored`` | ``none`` (see module docstring).
         evaluate: run ``evaluate_run`` on val + test at the end.
         ood_dirs: OOD folders for the final evaluation's AUROC.
+        consistency: weight of the colour-consistency loss (:mod:`.consistency`); 0 = off,
+            None = 0 for a new run and the run's own value on resume.
     """
 
     out: Path
@@ -99,8 +102,11 @@ class TrainOptions:
     distribute: str = "auto"
     evaluate: bool = True
     ood_dirs: tuple = field(default_factory=tuple)
+    consistency: float | None = None
 
     def __post_init__(self) -> None:
+        if self.consistency is not None:
+            check_weight(self.consistency)
         for name in ("epochs", "batch_size", "input_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -125,6 +131,7 @@ def resolve_config(opts: TrainOptions) -> RunConfig:
     manifest = opts.manifest
     aug_name = opts.augment or entry.train.augment
     aug = recipe(aug_name)
+    weight = float(opts.consistency or 0.0)
     return RunConfig(
         model=opts.model,
         input_size=int(opts.input_size or entry.default_input),
@@ -137,7 +144,9 @@ def resolve_config(opts: TrainOptions) -> RunConfig:
         data_root=str(Path(opts.data_root).resolve()) if opts.data_root else manifest.root,
         colour=PreprocessSpec.square(8, opts.colour or "as-captured").colour,
         extra={"optimizer": entry.train.optimizer, "patience": opts.patience, "schedule": "cosine per epoch to 1 %",
-               "loss": "sparse categorical cross-entropy, class-weighted", "distribute": opts.distribute,
+               "loss": "sparse categorical cross-entropy, class-weighted" + (
+                   f" + {weight:g} x Jensen-Shannon colour consistency" if weight else ""),
+               "consistency": describe(weight) if weight else None, "distribute": opts.distribute,
                "leukoedge_version": __version__, "tensorflow_version": tf.__version__,
                "python": platform.python_version(), "machine": platform.platform()},
     )
@@ -149,6 +158,8 @@ def _check_resume(opts: TrainOptions, config: RunConfig) -> None:
              "learning_rate": opts.learning_rate, "input_size": opts.input_size, "colour": opts.colour}
     clashes = [f"{k}={v} (run has {getattr(config, k)})" for k, v in given.items()
                if v is not None and v != getattr(config, k)]
+    if opts.consistency is not None and opts.consistency != consistency_weight(config):
+        clashes.append(f"consistency={opts.consistency:g} (run has {consistency_weight(config):g})")
     if clashes:
         raise UsageError(f"--resume with options that differ from the run: {', '.join(clashes)}",
                          hint="drop those options, or start a new run with another --out")
@@ -199,13 +210,20 @@ def _open_run(opts: TrainOptions, rd: RunDir) -> tuple[RunConfig, Manifest, dict
     return config, manifest, state
 
 
+def consistency_weight(config: RunConfig) -> float:
+    """The run's colour-consistency weight (0 for runs made before it existed)."""
+    return float((config.extra.get("consistency") or {}).get("weight", 0.0))
+
+
 def _new_model(config: RunConfig):
     from ..models import create_model
 
     model = create_model(config.model, config.input_size, len(config.classes))
     optimizer = keras.optimizers.Adam(config.learning_rate) if config.extra.get("optimizer", "adam") == "adam" \
         else keras.optimizers.SGD(config.learning_rate, momentum=0.9)
-    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+    weight = consistency_weight(config)
+    loss = PairedConsistencyLoss(weight) if weight else keras.losses.SparseCategoricalCrossentropy()
+    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
     return model
 
 
@@ -246,7 +264,14 @@ def train(opts: TrainOptions) -> dict:
     calibrator = BatchNormCalibrator(model, x_train, seed=config.seed)
     if first == 0:
         calibrator.calibrate()
-    steps = steps_per_epoch(len(y_train), config.batch_size)
+    paired = consistency_weight(config) > 0
+    replicas = int(strategy.num_replicas_in_sync)
+    if paired:
+        check_replicas(config.batch_size, replicas)
+    drop_remainder = paired and replicas > 1
+    steps = len(y_train) // config.batch_size if drop_remainder else steps_per_epoch(len(y_train), config.batch_size)
+    if steps < 1:
+        raise UsageError(f"--batch {config.batch_size} is larger than the {len(y_train)} training images")
     log.info("training %s (%d params) on %d images, validating on %d, %s, epochs %d..%d",
              config.model, model.count_params(), len(y_train), len(y_val), devices, first + 1, config.epochs)
     checkpoint = RunCheckpoint(rd, state, opts.patience, config)
@@ -260,8 +285,9 @@ def train(opts: TrainOptions) -> dict:
     if first < config.epochs:
         aug = recipe(config.augmentation.get("recipe", "default"))
         ds = train_dataset(x_train, y_train, batch_size=config.batch_size, seed=config.seed, first_epoch=first,
-                           last_epoch=config.epochs, augment=aug)
-        model.fit(ds, validation_data=eval_dataset(x_val, y_val, batch_size=max(config.batch_size, 32)),
+                           last_epoch=config.epochs, augment=aug, paired=paired, drop_remainder=drop_remainder)
+        model.fit(ds, validation_data=eval_dataset(x_val, y_val, batch_size=max(config.batch_size, 32),
+                                                      paired=paired),
                   epochs=config.epochs, initial_epoch=first, steps_per_epoch=steps, class_weight=weights,
                   callbacks=callbacks, verbose=0, shuffle=False)
     checkpoint.finish(devices)
