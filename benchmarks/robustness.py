@@ -18,7 +18,9 @@ colour handling differs):
   twice per batch with the same geometry and independent colour draws, and
   10 x the Jensen-Shannon divergence of the two predictions added to the loss
   (``leukoedge.train.consistency``);
-- ``consistency-48ep``: the same with 48 epochs.
+- ``consistency-48ep``: the same with 48 epochs;
+- ``macenko-consistency``: ``--colour macenko`` (per-image stain vectors mapped to
+  a fixed reference) plus the robust augmentation and the consistency loss.
 
 For each finished run: ``leukoedge eval RUN --audit`` (colour-only baseline,
 accuracy under grayscale / colour normalisation / HED jitter / background
@@ -66,6 +68,10 @@ VARIANTS = [
          args=["--augment", "robust", "--consistency", "10"], epochs=48, colour="as-captured",
          augment="robust + consistency 10, 48 epochs",
          what="as consistency, twice the epochs (its validation accuracy was flat at 24)"),
+    dict(name="macenko-consistency", run="robust-leuko-small-macenko-consistency",
+         args=["--colour", "macenko", "--augment", "robust", "--consistency", "10"], colour="macenko",
+         augment="robust + consistency 10",
+         what="Macenko stain normalisation in the preprocessing path + robust augmentation + consistency"),
 ]
 
 #: Audit perturbations shown as columns (names from leukoedge.train.audit.PERTURBATIONS).
