@@ -19,6 +19,8 @@ colour handling differs):
   10 x the Jensen-Shannon divergence of the two predictions added to the loss
   (``leukoedge.train.consistency``);
 - ``consistency-48ep``: the same with 48 epochs;
+- ``robust-aug-48ep``: the control for it, ``--augment robust`` for 48 epochs
+  without the consistency loss;
 - ``macenko-consistency``: ``--colour macenko`` (per-image stain vectors mapped to
   a fixed reference) plus the robust augmentation and the consistency loss.
 
@@ -68,6 +70,9 @@ VARIANTS = [
          args=["--augment", "robust", "--consistency", "10"], epochs=48, colour="as-captured",
          augment="robust + consistency 10, 48 epochs",
          what="as consistency, twice the epochs (its validation accuracy was flat at 24)"),
+    dict(name="robust-aug-48ep", run="robust-leuko-small-robust-aug-48ep", args=["--augment", "robust"], epochs=48,
+         colour="as-captured", augment="robust, 48 epochs",
+         what="control for consistency-48ep: the same epochs without the consistency loss"),
     dict(name="macenko-consistency", run="robust-leuko-small-macenko-consistency",
          args=["--colour", "macenko", "--augment", "robust", "--consistency", "10"], colour="macenko",
          augment="robust + consistency 10",
