@@ -141,9 +141,8 @@ def committed_rows() -> dict[str, dict]:
     if not path.exists():
         return {}
     data = json.loads(path.read_text())
-    rows = data.get("results", data).get("rows", [])
     date = data.get("machine", {}).get("date_utc", "")[:10]
-    return {r["name"]: {**r, "measured": r.get("measured") or date} for r in rows}
+    return {r["name"]: {**r, "measured": r.get("measured") or date} for r in data.get("rows", [])}
 
 
 def goal_lines(row: dict) -> list[str]:

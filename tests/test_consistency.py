@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -13,13 +10,13 @@ keras = pytest.importorskip("keras")
 
 from leukoedge.errors import UsageError  # noqa: E402
 from leukoedge.train import trainer  # noqa: E402
-from leukoedge.train.augment import RECIPES, augment_image  # noqa: E402
+from leukoedge.train.augment import RECIPES  # noqa: E402
 from leukoedge.train.consistency import PairedConsistencyLoss, check_replicas  # noqa: E402
 from leukoedge.train.dataset import eval_dataset, train_dataset  # noqa: E402
 from leukoedge.train.rundir import RunDir, read_json  # noqa: E402
 from leukoedge.train.trainer import TrainOptions, train  # noqa: E402
 
-from test_train import make_toy  # noqa: E402
+from test_train import make_toy, train_on_two_logical_cpus  # noqa: E402
 
 
 def _js(p: np.ndarray, q: np.ndarray) -> float:
@@ -149,20 +146,7 @@ def test_training_with_consistency_records_it_and_resumes(toy, tmp_path):
 @pytest.mark.slow
 def test_consistency_under_mirrored_strategy(toy, tmp_path):
     """Whole pairs per replica: two logical CPU devices, a batch that divides, no partial batch."""
-    toy.save(tmp_path / "manifest.json")
-    script = textwrap.dedent(f"""
-        import tensorflow as tf
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        from pathlib import Path
-        from leukoedge.data.records import Manifest
-        from leukoedge.train.trainer import TrainOptions, train
-        train(TrainOptions(out=Path({str(tmp_path / 'run')!r}), model="leuko-tiny",
-                           manifest=Manifest.load({str(tmp_path / 'manifest.json')!r}), input_size=32, epochs=1,
-                           batch_size=6, distribute="mirrored", evaluate=False, consistency=5.0))
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_on_two_logical_cpus(toy, tmp_path, batch_size=6, consistency=5.0)
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert np.isfinite(history["history"]["loss"][0])
     assert "MirroredStrategy over 2" in history["devices"]

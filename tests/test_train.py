@@ -191,10 +191,10 @@ def test_options_are_validated():
         TrainOptions(out=Path("x"), model="leuko-tiny", resume=True, distribute="tpu")
 
 
-@pytest.mark.slow
-def test_mirrored_strategy_over_two_logical_cpus(toy, tmp_path):
-    """The multi-device path, for real: MirroredStrategy over 2 logical CPU devices in a fresh process."""
-    toy.save(tmp_path / "manifest.json")
+def train_on_two_logical_cpus(manifest: Manifest, tmp_path: Path, **options) -> Path:
+    """Train one epoch with MirroredStrategy over 2 logical CPU devices, in a fresh process
+    (logical devices must be configured before TensorFlow starts); returns the run dir."""
+    manifest.save(tmp_path / "manifest.json")
     script = textwrap.dedent(f"""
         import tensorflow as tf
         cpu = tf.config.list_physical_devices("CPU")[0]
@@ -204,10 +204,17 @@ def test_mirrored_strategy_over_two_logical_cpus(toy, tmp_path):
         from leukoedge.train.trainer import TrainOptions, train
         train(TrainOptions(out=Path({str(tmp_path / 'run')!r}), model="leuko-tiny",
                            manifest=Manifest.load({str(tmp_path / 'manifest.json')!r}), input_size=32, epochs=1,
-                           batch_size=8, distribute="mirrored", evaluate=False))
+                           distribute="mirrored", evaluate=False, **{options!r}))
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp_path / "run"
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_over_two_logical_cpus(toy, tmp_path):
+    """The multi-device path, for real: MirroredStrategy over 2 logical CPU devices in a fresh process."""
+    train_on_two_logical_cpus(toy, tmp_path, batch_size=8)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["extra"]["devices"] == "MirroredStrategy over 2 CPU device(s)"
     assert (tmp_path / "run" / "model.keras").exists()

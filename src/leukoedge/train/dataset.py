@@ -110,10 +110,7 @@ def train_dataset(x: np.ndarray, y: np.ndarray, *, batch_size: int, seed: int, f
             return tf.stack([view_a, view_b]), tf.stack([label, label])
 
         batches = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size, drop_remainder=drop_remainder)
-        if paired:
-            shape = tf.constant([-1, *x.shape[1:]])
-            batches = batches.map(lambda im, lab: (tf.reshape(im, shape), tf.reshape(lab, [-1])))
-        return batches
+        return batches.map(_flatten_pairs) if paired else batches
 
     ds = tf.data.Dataset.from_tensor_slices((orders, epochs)).flat_map(one_epoch)
     return ds.prefetch(2)
@@ -122,9 +119,10 @@ def train_dataset(x: np.ndarray, y: np.ndarray, *, batch_size: int, seed: int, f
 def eval_dataset(x: np.ndarray, y: np.ndarray | None = None, *, batch_size: int = 64, paired: bool = False):
     """Un-augmented batches in manifest order (float32 0..255).
 
-    ``paired``: every image twice in a row (two identical "views"), so a model
-    compiled with the paired consistency loss reports plain cross-entropy as
-    its validation loss (the divergence of identical views is 0).
+    ``paired`` (needs ``y``): every image twice in a row (two identical
+    "views"), so a model compiled with the paired consistency loss reports
+    plain cross-entropy as its validation loss (the divergence of identical
+    views is 0).
     """
     import tensorflow as tf
 
@@ -132,10 +130,15 @@ def eval_dataset(x: np.ndarray, y: np.ndarray | None = None, *, batch_size: int 
     ds = images if y is None else tf.data.Dataset.zip((images, tf.data.Dataset.from_tensor_slices(y)))
     if not paired:
         return ds.batch(batch_size).prefetch(2)
-    shape = tf.constant([-1, *x.shape[1:]])
-    twice = (lambda im: tf.stack([im, im])) if y is None else (lambda im, lab: (tf.stack([im, im]), tf.stack([lab, lab])))
-    flat = (lambda im: tf.reshape(im, shape)) if y is None else (lambda im, lab: (tf.reshape(im, shape), tf.reshape(lab, [-1])))
-    return ds.map(twice).batch(batch_size).map(flat).prefetch(2)
+    twice = ds.map(lambda im, lab: (tf.stack([im, im]), tf.stack([lab, lab])))
+    return twice.batch(batch_size).map(_flatten_pairs).prefetch(2)
+
+
+def _flatten_pairs(images, labels):
+    """``[B, 2, H, W, 3]`` / ``[B, 2]`` pair batches -> ``[2B, H, W, 3]`` / ``[2B]``, pairs adjacent."""
+    import tensorflow as tf
+
+    return tf.reshape(images, tf.concat([[-1], tf.shape(images)[2:]], 0)), tf.reshape(labels, [-1])
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
