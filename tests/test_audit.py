@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from leukoedge.errors import UsageError
-from leukoedge.train import audit
+from leukoedge.train import audit, cells
 
 SIZE = 40
 TINTS = {0: (244, 214, 222), 1: (222, 222, 246)}  # pink slide vs bluish slide
@@ -55,11 +55,11 @@ def iou(a, b):
 
 def test_white_cell_mask_finds_purple_disc():
     img, disc = disc_image()
-    mask = audit.white_cell_mask(img, dilate_fraction=0.0)
+    mask = cells.white_cell_mask(img, dilate_fraction=0.0)
     assert iou(mask, disc) > 0.7
-    dilated = audit.white_cell_mask(img)
+    dilated = cells.white_cell_mask(img)
     assert dilated.sum() > mask.sum() and np.all(dilated[mask])
-    assert not audit.white_cell_mask(np.full((32, 32, 3), (240, 200, 210), np.uint8)).any()
+    assert not cells.white_cell_mask(np.full((32, 32, 3), (240, 200, 210), np.uint8)).any()
 
 
 def test_white_cell_mask_ignores_blue_grey_and_pink_red_cells():
@@ -73,7 +73,7 @@ def test_white_cell_mask_ignores_blue_grey_and_pink_red_cells():
     blast = (yy - 44) ** 2 + (xx - 44) ** 2 < 8**2
     img[blast] = (226, 192, 251)  # pale magenta Pro-B blast
     img = np.clip(img + np.random.default_rng(0).normal(0, 3, img.shape), 0, 255).astype(np.uint8)
-    mask = audit.white_cell_mask(img, dilate_fraction=0.0)
+    mask = cells.white_cell_mask(img, dilate_fraction=0.0)
     assert iou(mask, blast) > 0.7
     for cy, cx in red_cells:
         assert not mask[cy, cx]
@@ -84,14 +84,14 @@ def test_connected_components():
     m[1:4, 1:4] = True
     m[10:18, 5] = True
     m[17, 5:15] = True  # an L shape: one component
-    labels, n = audit.label_components(m)
+    labels, n = cells.label_components(m)
     assert n == 2 and len(np.unique(labels[m])) == 2 and np.all(labels[~m] == 0)
 
 
 def test_background_flattening_and_heatmap_mass():
     img, disc = disc_image()
     flat = audit.flatten_background(img)
-    mask = audit.white_cell_mask(img)
+    mask = cells.white_cell_mask(img)
     assert len(np.unique(flat[~mask].reshape(-1, 3), axis=0)) == 1
     assert np.array_equal(flat[mask], img[mask])
     heat_on = disc.astype(float)
@@ -126,7 +126,7 @@ def test_run_audit_separates_shortcut_model_from_morphology_model():
     shortcut = audit.ColourBaseline(kind="mean_std").fit(train_x, train_y)
 
     def morphology(batch):  # counts nuclei in the white-cell mask: shape only
-        two = np.array([audit.label_components(audit.white_cell_mask(im, dilate_fraction=0.0))[1] >= 2
+        two = np.array([cells.label_components(cells.white_cell_mask(im, dilate_fraction=0.0))[1] >= 2
                         for im in batch], dtype=float)
         return np.stack([1 - two, two], axis=1)
 
@@ -186,5 +186,5 @@ def test_colour_baseline_reads_taleqani_slides(taleqani_dir):
     (tx, ty), (vx, vy) = splits["train"], splits["test"]
     report = audit.colour_baseline_report(tx, np.array(ty), vx, np.array(vy), classes, n_boot=200)
     assert report["histogram"]["accuracy"]["value"] > 0.85
-    masks = [audit.white_cell_mask(x) for x in vx[:20]]
+    masks = [cells.white_cell_mask(x) for x in vx[:20]]
     assert all(0.0 < m.mean() < 0.8 for m in masks)

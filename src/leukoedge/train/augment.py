@@ -22,7 +22,22 @@ Operations (per image, on float32 0..255 RGB):
   concentration after colour deconvolution with the matrix in
   :mod:`leukoedge.stain` (the same formula as ``stain.hed_jitter``);
 - random grayscale (``grayscale``, a probability): on those images only shape
-  and intensity are left, so colour cannot be the whole answer.
+  and intensity are left, so colour cannot be the whole answer;
+- background swap (``background``, a probability): the image's white cells
+  (mask from :mod:`.cells`) are pasted onto another training image's
+  background, whose own white cells are painted over with its mean background
+  colour. Taleqani backgrounds (red cells, tint, illumination) differ by
+  class; after the swap the background no longer says the class, only the
+  white cells do;
+- cell-centred crop (``cell_crop``, a probability): a square of
+  :data:`CELL_CROP_SIDE` of the field, centred on a random white-cell pixel,
+  scaled up to the input size, so the net also sees cells large and with
+  little field around them.
+
+Background swap and cell crops need a white-cell mask per training image;
+the pipeline computes them once on the as-captured images (see
+:func:`leukoedge.train.dataset.white_cell_masks`). They run before every other
+operation, so geometry and colour changes apply to the composed image.
 
 The ``robust`` recipe turns the last two up: it is the "do not take the colour
 shortcut" recipe of issue 7 (compare in benchmarks/results/robustness.md).
@@ -53,6 +68,8 @@ class AugmentConfig:
         stain: max relative optical-density scale/offset per channel.
         hed: HED jitter strength (sigma = bias; 0.05 light, 0.2 strong).
         grayscale: probability of replacing an image by its luma.
+        background: probability of a background swap with another training image.
+        cell_crop: probability of a crop centred on a white cell.
     """
 
     flip: bool = True
@@ -67,11 +84,16 @@ class AugmentConfig:
     stain: float = 0.05
     hed: float = 0.0
     grayscale: float = 0.0
+    background: float = 0.0
+    cell_crop: float = 0.0
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.grayscale <= 1.0) or not (0.0 <= self.hed < 1.0):
             raise UsageError(f"augmentation grayscale must be a probability and hed in [0, 1), got "
                              f"{self.grayscale}, {self.hed}")
+        if not (0.0 <= self.background <= 1.0) or not (0.0 <= self.cell_crop <= 1.0):
+            raise UsageError(f"augmentation background and cell_crop must be probabilities, got "
+                             f"{self.background}, {self.cell_crop}")
         for name in ("rotation_deg", "shift", "zoom", "shear_deg", "brightness", "contrast", "hue", "stain"):
             if getattr(self, name) < 0:
                 raise UsageError(f"augmentation {name} must be >= 0, got {getattr(self, name)}")
@@ -81,6 +103,11 @@ class AugmentConfig:
     @property
     def enabled(self) -> bool:
         return any(bool(v) for v in asdict(self).values())
+
+    @property
+    def needs_cells(self) -> bool:
+        """True if the recipe needs a white-cell mask per training image."""
+        return bool(self.background or self.cell_crop)
 
     @property
     def has_affine(self) -> bool:
@@ -99,7 +126,14 @@ RECIPES: dict[str, AugmentConfig] = {
     "none": AugmentConfig(flip=False, rot90=False, rotation_deg=0.0, shift=0.0, zoom=0.0, shear_deg=0.0,
                           brightness=0.0, contrast=0.0, hue=0.0, stain=0.0),
     "robust": AugmentConfig(brightness=0.15, contrast=0.2, hue=0.05, stain=0.1, hed=0.15, grayscale=0.3),
+    "cells": AugmentConfig(brightness=0.15, contrast=0.2, hue=0.05, stain=0.1, hed=0.15, grayscale=0.3,
+                           background=0.5, cell_crop=0.25),
+    "background-swap": AugmentConfig(brightness=0.15, contrast=0.2, hue=0.05, stain=0.1, hed=0.15, grayscale=0.3,
+                                     background=0.5),
 }
+
+#: Side of a cell-centred crop as a fraction of the field's short side (drawn uniformly).
+CELL_CROP_SIDE = (0.4, 0.7)
 
 
 def recipe(name: str) -> AugmentConfig:
@@ -139,6 +173,65 @@ def augment_image(image, seed, cfg: AugmentConfig):
         gray = tf.random.stateless_uniform([], seeds[9], 0.0, 1.0) < cfg.grayscale
         x = tf.where(gray, tf.repeat(luma, 3, axis=-1), x)
     return tf.clip_by_value(x * 255.0, 0.0, 255.0)
+
+
+def cell_views(image, mask, other, other_mask, seed, cfg: AugmentConfig):
+    """Background swap and cell-centred crop (each with its probability) on float32 0..255 images.
+
+    ``mask``/``other_mask`` are the HxW white-cell masks (0/1) of ``image`` and of
+    the training image ``other`` whose background may be borrowed. An image in
+    which no white cell was found keeps its own background: swapping it would
+    leave nothing of the image but its label.
+    """
+    import tensorflow as tf
+
+    s = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=3)
+    m = tf.cast(mask, tf.float32)
+    if cfg.background:
+        swap = (tf.random.stateless_uniform([], s[0], 0.0, 1.0) < cfg.background) & (tf.reduce_max(m) > 0.5)
+        image = tf.where(swap, swap_background(image, m, other, tf.cast(other_mask, tf.float32)), image)
+    if cfg.cell_crop:
+        crop = tf.random.stateless_uniform([], s[1], 0.0, 1.0) < cfg.cell_crop
+        image = tf.where(crop, cell_centred_crop(image, m, s[2]), image)
+    return image
+
+
+def swap_background(image, mask, other, other_mask):
+    """``image``'s white cells on ``other``'s background; ``other``'s white cells painted with its mean background."""
+    import tensorflow as tf
+
+    keep = mask[..., None]
+    other_cells = other_mask[..., None]
+    other_bg = 1.0 - other_cells
+    mean_bg = tf.reduce_sum(other * other_bg, axis=[0, 1]) / tf.maximum(tf.reduce_sum(other_bg), 1.0)
+    backdrop = other * other_bg + mean_bg * other_cells
+    return image * keep + backdrop * (1.0 - keep)
+
+
+def cell_centred_crop(image, mask, seed):
+    """A square crop of :data:`CELL_CROP_SIDE` of the short side, centred on a random white-cell pixel.
+
+    The crop is shifted to stay inside the field and scaled back to the input
+    size; an image without white cells is returned unchanged.
+    """
+    import tensorflow as tf
+
+    s = tf.random.experimental.stateless_split(seed, num=2)
+    h = tf.shape(image)[0]
+    w = tf.shape(image)[1]
+    cells = tf.where(mask > 0.5)  # (k, 2) int64 row, col
+
+    def crop():
+        pick = tf.random.stateless_uniform([], s[0], 0, tf.shape(cells, tf.int64)[0], dtype=tf.int64)
+        cy, cx = tf.cast(cells[pick, 0], tf.float32), tf.cast(cells[pick, 1], tf.float32)
+        hf, wf = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
+        side = tf.random.stateless_uniform([], s[1], *CELL_CROP_SIDE) * tf.minimum(hf, wf)
+        y0 = tf.clip_by_value(cy - side / 2.0, 0.0, hf - side)
+        x0 = tf.clip_by_value(cx - side / 2.0, 0.0, wf - side)
+        box = tf.stack([y0 / (hf - 1.0), x0 / (wf - 1.0), (y0 + side - 1.0) / (hf - 1.0), (x0 + side - 1.0) / (wf - 1.0)])
+        return tf.image.crop_and_resize(image[None], box[None], [0], tf.stack([h, w]), method="bilinear")[0]
+
+    return tf.cond(tf.shape(cells)[0] > 0, crop, lambda: image)
 
 
 def _hed(image, seed, strength: float):

@@ -102,6 +102,13 @@ def _interval(m: dict, key: str, pct: bool = True) -> str:
     return f" (95 % CI {fmt(iv['low'])} to {fmt(iv['high'])})"
 
 
+def _cell_ops(aug: dict) -> str:
+    """The white-cell operations of a recipe, spelled out (a recipe name alone does not say them)."""
+    ops = [f"{label} p {aug[key]:g}" for key, label in (("background", "background swap between training images"),
+                                                        ("cell_crop", "cell-centred crops")) if aug.get(key)]
+    return "; " + ", ".join(ops) if ops else ""
+
+
 def render_markdown(card: dict) -> str:
     data = card["data"]
     lines = [f"# Model card: {card['model']}", "", f"> **{card['notice']}**", ""]
@@ -131,7 +138,7 @@ def render_markdown(card: dict) -> str:
               f"- epochs {t.get('epochs_run', t['epochs'])} of max {t['epochs']}, batch {t['batch_size']}, "
               f"learning rate {t['learning_rate']}, seed {t['seed']}",
               f"- augmentation: {t['augmentation'].get('recipe', 'custom')} "
-              f"({'on' if t['augmentation'].get('enabled') else 'off'})",
+              f"({'on' if t['augmentation'].get('enabled') else 'off'}){_cell_ops(t['augmentation'])}",
               f"- loss: {t.get('loss', 'sparse categorical cross-entropy')}"]
     if t.get("train_seconds") is not None:
         lines.append(f"- training time {t['train_seconds']:.0f} s on {t.get('devices', '?')}")

@@ -26,9 +26,10 @@ import numpy as np
 from tqdm import tqdm
 
 from ..data.records import Manifest, ManifestEntry
-from ..errors import DatasetError, InvalidImageError
+from ..errors import DatasetError, InvalidImageError, UsageError
 from ..preprocess import PreprocessSpec, load_image
-from .augment import AugmentConfig, augment_image
+from .augment import AugmentConfig, augment_image, cell_views
+from .cells import white_cell_mask
 
 
 class ImageCache:
@@ -67,14 +68,32 @@ def load_split(manifest: Manifest, split: str, spec: PreprocessSpec, cache: Imag
     return x, y, entries
 
 
+def white_cell_masks(manifest: Manifest, split: str, spec: PreprocessSpec, cache: ImageCache,
+                     root: str | Path | None = None) -> np.ndarray:
+    """uint8 ``[N, H, W]`` white-cell masks (0/1) of one split, for the ``cells`` augmentation.
+
+    Computed on the as-captured images (the mask is a colour rule; a run with a
+    grayscale colour step still finds its cells), at the run's input size, in
+    manifest order (the order of :func:`load_split`).
+    """
+    x, _, _ = load_split(manifest, split, spec.geometry_only(), cache, root)
+    return np.stack([white_cell_mask(im) for im in tqdm(x, desc=f"white-cell masks ({split})", unit="img",
+                                                        leave=False, mininterval=1.0)]).astype(np.uint8)
+
+
 def epoch_orders(n: int, seed: int, first_epoch: int, last_epoch: int) -> np.ndarray:
     """One permutation of ``range(n)`` per epoch in ``[first_epoch, last_epoch)``."""
     return np.stack([np.random.default_rng([seed, e]).permutation(n) for e in range(first_epoch, last_epoch)])
 
 
 def train_dataset(x: np.ndarray, y: np.ndarray, *, batch_size: int, seed: int, first_epoch: int,
-                  last_epoch: int, augment: AugmentConfig, paired: bool = False, drop_remainder: bool = False):
+                  last_epoch: int, augment: AugmentConfig, paired: bool = False, drop_remainder: bool = False,
+                  masks: np.ndarray | None = None):
     """Batches for epochs ``first_epoch..last_epoch-1``, shuffled and augmented per (seed, epoch).
+
+    ``masks`` (uint8 ``[N, H, W]``, from :func:`white_cell_masks`) are required by
+    recipes with background swap or cell crops; the background is borrowed
+    from another training image drawn per (seed, epoch, position).
 
     ``paired``: each image appears twice, as adjacent elements ``[a, b]`` that
     share the geometric transform and differ in colour (view ``a`` is exactly
@@ -87,6 +106,10 @@ def train_dataset(x: np.ndarray, y: np.ndarray, *, batch_size: int, seed: int, f
     from .consistency import PAIR_VIEW, colour_only, geometry_only
 
     n = len(y)
+    if augment.needs_cells and (masks is None or masks.shape != x.shape[:3]):
+        raise UsageError("this augmentation recipe swaps backgrounds / crops around cells and needs one white-cell "
+                         f"mask per training image (got {None if masks is None else masks.shape} for {x.shape[:3]})")
+    cell_masks = tf.constant(masks) if augment.needs_cells else None
     orders = epoch_orders(n, seed, first_epoch, last_epoch)
     epochs = np.arange(first_epoch, last_epoch, dtype=np.int64)
     images = tf.constant(x)
@@ -99,6 +122,11 @@ def train_dataset(x: np.ndarray, y: np.ndarray, *, batch_size: int, seed: int, f
         def load(index, position):
             image = tf.cast(tf.gather(images, index), tf.float32)
             key = tf.stack([tf.constant(seed, tf.int64), epoch * n + position])
+            if augment.needs_cells:
+                cell_key = key + tf.constant([2_000_003, 0], tf.int64)
+                other = tf.random.stateless_uniform([], cell_key, 0, n, dtype=tf.int64)
+                image = cell_views(image, tf.gather(cell_masks, index), tf.cast(tf.gather(images, other), tf.float32),
+                                   tf.gather(cell_masks, other), cell_key, augment)
             if not paired:
                 if augment.enabled:
                     image = augment_image(image, key, augment)

@@ -56,7 +56,8 @@ from ..errors import DatasetError, UsageError
 from ..preprocess import PreprocessSpec
 from .augment import recipe
 from .consistency import PairedConsistencyLoss, check_replicas, check_weight, describe
-from .dataset import ImageCache, class_weights, eval_dataset, load_split, steps_per_epoch, train_dataset
+from .dataset import (ImageCache, class_weights, eval_dataset, load_split, steps_per_epoch, train_dataset,
+                      white_cell_masks)
 from .rundir import RunConfig, RunDir, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -284,8 +285,10 @@ def train(opts: TrainOptions) -> dict:
     ]
     if first < config.epochs:
         aug = recipe(config.augmentation.get("recipe", "default"))
+        masks = white_cell_masks(manifest, "train", spec, cache, root) if aug.needs_cells else None
         ds = train_dataset(x_train, y_train, batch_size=config.batch_size, seed=config.seed, first_epoch=first,
-                           last_epoch=config.epochs, augment=aug, paired=paired, drop_remainder=drop_remainder)
+                           last_epoch=config.epochs, augment=aug, paired=paired, drop_remainder=drop_remainder,
+                           masks=masks)
         model.fit(ds, validation_data=eval_dataset(x_val, y_val, batch_size=max(config.batch_size, 32),
                                                       paired=paired),
                   epochs=config.epochs, initial_epoch=first, steps_per_epoch=steps, class_weight=weights,
@@ -410,7 +413,11 @@ class RunCheckpoint(keras.callbacks.Callback):
 
 
 class TqdmProgress(keras.callbacks.Callback):
-    """Per-epoch tqdm bar on stderr."""
+    """Per-epoch tqdm bar on stderr, only when stderr is a terminal.
+
+    Redirected to a log file, a bar writes hundreds of carriage-return updates
+    per epoch and buries the one line per epoch that the trainer logs anyway.
+    """
 
     def __init__(self, steps: int, epochs: int) -> None:
         super().__init__()
@@ -418,7 +425,7 @@ class TqdmProgress(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self.bar = tqdm(total=self.steps, desc=f"epoch {epoch + 1}/{self.epochs}", unit="batch", file=sys.stderr,
-                        leave=False, mininterval=1.0)
+                        leave=False, mininterval=1.0, disable=None)
 
     def on_train_batch_end(self, batch, logs=None):
         self.bar.update(1)
