@@ -98,6 +98,9 @@ COLUMNS = [("clean", "clean"), ("grayscale", "grayscale"), ("colour_normalised",
            ("hed_jitter_0.2", "HED 0.2"), ("white_balance_cool", "cool white balance"),
            ("background_flattened", "background flattened")]
 
+#: Collected too, shown in "What the model reads": the scale-bar label corner against its control corner.
+LABEL_KEYS = ("label_corner_covered", "control_corner_covered")
+
 GOALS = {"bvm_grayscale": 0.97, "bvm_colour_normalised": 0.97, "clean": 0.99}
 
 
@@ -130,7 +133,7 @@ def collect(variant: dict, run: Path, work: Path, convert: bool) -> dict:
                accuracy=metrics["accuracy"], macro_f1=metrics["macro_f1"],
                macro_f1_ci=[metrics["intervals"]["macro_f1"]["low"], metrics["intervals"]["macro_f1"]["high"]],
                colour_baseline=audit["colour_baseline"], heatmap=audit.get("heatmap"), perturbations={})
-    for key, _ in COLUMNS:
+    for key in [k for k, _ in COLUMNS] + list(LABEL_KEYS):
         if key in pert:
             row["perturbations"][key] = {"accuracy": pert[key]["accuracy"],
                                          "benign_vs_malignant": pert[key].get("benign_vs_malignant_accuracy")}
@@ -179,6 +182,12 @@ def goal_lines(row: dict) -> list[str]:
     return out
 
 
+def label_cell(row: dict) -> str:
+    """Accuracy with the scale-bar corner covered, then with the control corner covered."""
+    figs = [row["perturbations"].get(k, {}).get("accuracy") for k in LABEL_KEYS]
+    return "not measured" if None in figs else " / ".join(ci(f) for f in figs)
+
+
 def markdown(rows: list[dict]) -> str:
     lines = [
         "Research use only; not a diagnostic device.",
@@ -203,8 +212,9 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     lines += ["", "## What the model reads", "",
               "| variant | colour-only baseline (histograms) | colour-only (6 numbers) | heatmap mass on white cells | "
-              "white-cell area (chance) | int8 parity | int8 abstention: test abstained, OOD AUROC |",
-              "|---|---|---|---|---|---|---|"]
+              "white-cell area (chance) | scale-bar corner covered / same area bottom-left | int8 parity | "
+              "int8 abstention: test abstained, OOD AUROC |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cb = r["colour_baseline"]
         hm = r.get("heatmap") or {}
@@ -215,13 +225,18 @@ def markdown(rows: list[dict]) -> str:
             f"{'passed' if int8['passed'] else 'FAILED'}: {int8['float_accuracy']:.2%} -> {int8['quant_accuracy']:.2%}, "
             f"agreement {int8['agreement']:.4f}")
         lines.append(f"| {r['name']} | {ci(cb.get('histogram', {}).get('accuracy'))} | "
-                     f"{ci(cb.get('mean_std', {}).get('accuracy'))} | {ci(mass)} | {ci(chance)} | {parity} | "
+                     f"{ci(cb.get('mean_std', {}).get('accuracy'))} | {ci(mass)} | {ci(chance)} | {label_cell(r)} | "
+                     f"{parity} | "
                      + ("n/a" if not ab else f"{ab['test_abstain_rate']:.1%}; " + ", ".join(
                          f"{k} {v:.3f}" for k, v in ab["auroc"].items() if v is not None)) + " |")
     lines += ["", "The colour-only baselines (logistic regression on colour histograms, or on six numbers: per-channel "
               "mean and spread) are fitted on the raw training pixels of the same split, so they are the same for every "
               "variant: what colour alone achieves on this split. Heatmap mass: share of the class activation map "
-              "inside the white-cell mask; a map spread evenly would score the mask's area (chance).", "",
+              "inside the white-cell mask; a map spread evenly would score the mask's area (chance). Scale-bar "
+              "corner: every Taleqani image has a burnt-in scale-bar label bottom-right, drawn differently per "
+              "capture session; covering that corner (18 % x 30 % of the image) with the background colour against "
+              "covering the same area bottom-left says whether a net reads the label (rows measured before the "
+              "check existed say 'not measured').", "",
               "The `cells` and `background-swap` recipes build their training images with the same white-cell mask "
               "that the background-flattened column and the heatmap mass use: a net taught to ignore what lies outside "
               "that mask is favoured by both measures, so read them together with the clean and grayscale columns.", "",

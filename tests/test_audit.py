@@ -188,3 +188,63 @@ def test_colour_baseline_reads_taleqani_slides(taleqani_dir):
     assert report["histogram"]["accuracy"]["value"] > 0.85
     masks = [cells.white_cell_mask(x) for x in vx[:20]]
     assert all(0.0 < m.mean() < 0.8 for m in masks)
+
+
+def _labelled_fields(n_per_class: int = 12, size: int = 60):
+    """Fields with one white cell (small for class 0, large for class 1) and a burnt-in corner label whose
+    colour also says the class (black for 0, red for 1), as Taleqani's scale bars differ by capture session."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size]
+    images, labels = [], []
+    for c in (0, 1):
+        for _ in range(n_per_class):
+            img = np.clip(rng.normal((232, 214, 222), 3, (size, size, 3)), 0, 255).astype(np.uint8)
+            cy, cx = rng.integers(15, 30, 2)
+            img[(yy - cy) ** 2 + (xx - cx) ** 2 < (4 if c == 0 else 8) ** 2] = (110, 40, 170)
+            img[size - 6:size - 3, size - 14:size - 4] = (20, 20, 20) if c == 0 else (220, 30, 30)
+            images.append(img)
+            labels.append(c)
+    return images, np.array(labels)
+
+
+def test_corner_covering_paints_only_the_corner():
+    images, _ = _labelled_fields(1)
+    img = images[1]
+    out = audit.cover_corner(img, "bottom-right")
+    h, w = img.shape[:2]
+    ch, cw = round(audit.LABEL_CORNER[0] * h), round(audit.LABEL_CORNER[1] * w)
+    corner = out[h - ch:, w - cw:].reshape(-1, 3)
+    assert len(np.unique(corner, axis=0)) == 1 and np.abs(corner[0].astype(int) - (232, 214, 222)).max() <= 6
+    rest = np.ones((h, w), bool)
+    rest[h - ch:, w - cw:] = False
+    np.testing.assert_array_equal(out[rest], img[rest])
+    left = audit.cover_corner(img, "bottom-left")
+    np.testing.assert_array_equal(left[h - 6:h - 3, w - 14:w - 4], img[h - 6:h - 3, w - 14:w - 4])  # label kept
+    with pytest.raises(UsageError, match="corner"):
+        audit.cover_corner(img, "top-left")
+
+
+def test_audit_tells_a_label_reader_from_a_cell_reader():
+    from leukoedge.train.audit_run import readings
+
+    images, labels = _labelled_fields()
+
+    def label_reader(batch):  # red in the bottom-right corner -> class 1
+        red = np.array([float((im[-6:-3, -14:-4, 0].astype(int) - im[-6:-3, -14:-4, 1]).mean() > 100) for im in batch])
+        return np.stack([1 - red, red], axis=1)
+
+    def cell_reader(batch):  # white-cell area -> class 1 if large
+        big = np.array([float(cells.white_cell_mask(im, dilate_fraction=0.0).sum() > 100) for im in batch])
+        return np.stack([1 - big, big], axis=1)
+
+    said = {}
+    for name, fn in (("label", label_reader), ("cell", cell_reader)):
+        res = audit.run_audit(fn, images, labels, ["one", "two"], np.random.default_rng(0),
+                              ["label_corner_covered", "control_corner_covered"], n_boot=200)
+        clean = res["perturbations"]["clean"]["accuracy"]
+        assert clean["value"] == 1.0
+        report = {"clean_accuracy": clean, "colour_baseline": {"histogram": {"accuracy": clean}},
+                  "majority_class_rate": 0.5, "perturbations": res["perturbations"], "heatmap": {}}
+        said[name] = " ".join(readings(report))
+    assert "Reads the scale-bar label" in said["label"]
+    assert "No detectable use of the scale-bar label" in said["cell"]

@@ -154,6 +154,32 @@ def flatten_background(rgb: np.ndarray, mask: np.ndarray | None = None, fill: Se
     return out
 
 
+#: Where Taleqani's burnt-in scale-bar label sits (bottom-right), as fractions of height and width.
+LABEL_CORNER = (0.18, 0.30)
+
+
+def cover_corner(rgb: np.ndarray, corner: str, size: Sequence[float] = LABEL_CORNER) -> np.ndarray:
+    """Paint a bottom corner (``"bottom-right"`` or ``"bottom-left"``) with the median background colour.
+
+    Every Taleqani image carries a scale-bar label in its bottom-right corner,
+    drawn differently per capture session (black on white, red, large). A net
+    can read it like a stain. Covering the bottom-right corner removes the label;
+    covering the same area bottom-left is the control (the same share of cells
+    lost, no label): a model that reads the label drops more on the first.
+    """
+    arr = stain.check_rgb(rgb)
+    if corner not in ("bottom-right", "bottom-left"):
+        raise UsageError(f"corner must be 'bottom-right' or 'bottom-left', got {corner!r}")
+    m = white_cell_mask(arr)
+    bg = arr[~m] if (~m).any() else arr.reshape(-1, 3)
+    h, w = arr.shape[:2]
+    ch, cw = max(1, round(size[0] * h)), max(1, round(size[1] * w))
+    out = arr.copy()
+    cols = slice(w - cw, w) if corner == "bottom-right" else slice(0, cw)
+    out[h - ch:, cols] = np.clip(np.rint(np.median(bg, axis=0)), 0, 255).astype(np.uint8)
+    return out
+
+
 def heatmap_mass_on_cells(heatmap: np.ndarray, mask: np.ndarray) -> float:
     """Fraction of (non-negative) heatmap mass inside the mask; NaN for an all-zero heatmap.
 
@@ -220,6 +246,10 @@ PERTURBATIONS: dict[str, Perturbation] = dict([
        lambda x, r: flatten_background(x)),
     _p("background_neutral", "outside the white-cell mask: fixed light grey (235, 235, 235)",
        lambda x, r: flatten_background(x, fill=(235, 235, 235))),
+    _p("label_corner_covered", "bottom-right 18 % x 30 % (the scale-bar label) painted with the background colour",
+       lambda x, r: cover_corner(x, "bottom-right")),
+    _p("control_corner_covered", "bottom-left 18 % x 30 % painted the same way (control for the label corner)",
+       lambda x, r: cover_corner(x, "bottom-left")),
 ])
 
 

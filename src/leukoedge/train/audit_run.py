@@ -331,6 +331,18 @@ def _worse(p: dict, clean: dict) -> bool:
     return p["high"] < clean["low"]
 
 
+def _label_reading(perts: dict, clean: dict) -> list[str]:
+    """Label corner against the control corner: does the model read the burnt-in scale-bar label?"""
+    if "label_corner_covered" not in perts or "control_corner_covered" not in perts:
+        return []
+    label, control = perts["label_corner_covered"]["accuracy"], perts["control_corner_covered"]["accuracy"]
+    figures = (f"covering the bottom-right corner (scale-bar label) gives {_pct(label['value'])}, the same area "
+               f"bottom-left {_pct(control['value'])} (clean {_pct(clean['value'])})")
+    if label["high"] < control["low"]:
+        return [f"Reads the scale-bar label: {figures}; the label corner costs more than the control, intervals apart."]
+    return [f"No detectable use of the scale-bar label: {figures}."]
+
+
 def readings(audit: dict) -> list[str]:
     """Plain-language statements computed from the audit's numbers (nothing here is hard-coded)."""
     out = []
@@ -365,6 +377,7 @@ def readings(audit: dict) -> list[str]:
         else:
             out.append(f"Under {name} accuracy is {_pct(p['value'])} (clean {_pct(a)}): removing {what} "
                        "causes no significant drop.")
+    out += _label_reading(perts, clean)
     if audit.get("colour_step") == "grayscale" and "grayscale" in perts:
         out.append("This run already feeds grayscale to the model, so the grayscale row equals clean by construction.")
     others = {k: v["accuracy"]["value"] for k, v in perts.items() if k != "clean"}
