@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -91,7 +92,13 @@ def test_training_beats_chance_and_fills_the_run_dir(toy, tmp_path):
     x = np.stack([load_image(toy.resolve(e), PreprocessSpec.square(32)) for e in entries]).astype("float32")
     y = np.array([toy.label_index(e.label) for e in entries])
     assert np.mean(model.predict(x, verbose=0).argmax(1) == y) == pytest.approx(test["accuracy"])
-    assert "Research use only" in rd.model_card_md.read_text()
+    card = rd.model_card_md.read_text()
+    assert "Research use only" in card
+    # The shortcut audit ran by default: its file, its plots and its card section are there.
+    audit = read_json(rd.path / "audit.json")
+    assert audit["split"] == "test" and audit["clean_accuracy"]["value"] == pytest.approx(test["accuracy"])
+    assert "**Reading:**" in card and "label_corner_covered" in card
+    assert (rd.plots_dir / "audit_perturbations.png").exists()
 
 
 @pytest.mark.slow
@@ -270,4 +277,10 @@ def test_cli_trains_on_synthetic_smears_with_an_automatic_block_split(tmp_path, 
     captured = capsys.readouterr()
     assert "run directory" in captured.out
     # stderr is not a terminal here (as in a log file): no per-batch progress bar floods it.
-    assert "batch/s" not in captured.err and "epoch 1/1:" not in captured.err
+    assert re.search(r"epoch 1/1:\s+\d+%", captured.err) is None
+    # --no-audit: no audit file, and the card says how to run it later.
+    assert _cli(["--data", str(tmp_path / "synth"), "--manifest", str(out / "manifest.json"), "--model", "leuko-tiny",
+                 "--input-size", "32", "--epochs", "1", "--batch", "16", "--no-augment", "--no-audit",
+                 "--out", str(tmp_path / "run2")]) == 0
+    assert (out / "audit.json").exists() and not (tmp_path / "run2" / "audit.json").exists()
+    assert "leukoedge eval RUN_DIR --audit" in (tmp_path / "run2" / "model_card.md").read_text()

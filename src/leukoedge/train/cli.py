@@ -32,6 +32,8 @@ def register(subparsers) -> None:
     p.add_argument("--augment", metavar="RECIPE", help="augmentation recipe: default, paper003, robust, cells (robust + background swap + cell-centred crops), background-swap, none "
                                                        "(default: the model's)")
     p.add_argument("--no-augment", action="store_true", help="train without augmentation")
+    p.add_argument("--no-audit", action="store_true", help="skip the shortcut audit after training (the model card "
+                   "then says how to run it: `leukoedge eval RUN --audit`)")
     p.add_argument("--colour", choices=tuple(COLOUR_STEPS), help="colour step of the preprocessing path, applied "
                    "in training and on the device (default as-captured)")
     p.add_argument("--consistency", type=float, metavar="WEIGHT",
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         out=Path(args.out), model=args.model, manifest=manifest, data_root=args.data, epochs=args.epochs,
         batch_size=args.batch, learning_rate=args.lr, input_size=args.input_size, seed=args.seed,
         augment="none" if args.no_augment else args.augment, colour=args.colour, resume=args.resume, patience=args.patience,
-        distribute=args.distribute, ood_dirs=tuple(args.ood), consistency=args.consistency)
+        distribute=args.distribute, ood_dirs=tuple(args.ood), consistency=args.consistency, audit=not args.no_audit)
     result = train(opts)
     metrics = result["metrics"] or {}
     for split in ("val", "test"):

@@ -83,6 +83,9 @@ class TrainOptions:
         distribute: ``auto`` | ``mirrored`` | ``none`` (see module docstring).
         evaluate: run ``evaluate_run`` on val + test at the end.
         ood_dirs: OOD folders for the final evaluation's AUROC.
+        audit: after the evaluation, run the shortcut audit on test (``audit.json``
+            and the card's "Shortcut audit" section), so every model card says
+            what the model reads; off = the card tells how to run it later.
         consistency: weight of the colour-consistency loss (:mod:`.consistency`); 0 = off,
             None = 0 for a new run and the run's own value on resume.
     """
@@ -103,6 +106,7 @@ class TrainOptions:
     distribute: str = "auto"
     evaluate: bool = True
     ood_dirs: tuple = field(default_factory=tuple)
+    audit: bool = True
     consistency: float | None = None
 
     def __post_init__(self) -> None:
@@ -300,7 +304,30 @@ def train(opts: TrainOptions) -> dict:
 
         best = keras.models.load_model(rd.model_path, compile=False)
         result["metrics"] = evaluate_run(rd.path, ("val", "test"), opts.ood_dirs, cache=cache, model=best)
+        if opts.audit:
+            result["audit"] = _audit(rd.path, result["metrics"], cache, best)
     return result
+
+
+def _audit(run_dir: Path, metrics: dict, cache: ImageCache, model) -> dict | None:
+    """Shortcut audit of the finished run on test; the card is rewritten to carry it.
+
+    A typed failure (e.g. a test split the audit cannot use) is logged with the
+    command to retry, not raised: the trained and evaluated run is already
+    complete on disk and must not look failed.
+    """
+    from ..errors import LeukoEdgeError
+    from .audit_run import audit_run
+    from .evaluate import write_card
+
+    try:
+        report = audit_run(run_dir, "test", cache=cache, model=model)
+    except LeukoEdgeError as err:
+        log.warning("shortcut audit skipped: %s (retry: leukoedge eval %s --audit)", err.user_message(), run_dir)
+        return None
+    write_card(run_dir, metrics)
+    log.info("shortcut audit: %s", "; ".join(report["readings"][:2]))
+    return report
 
 
 class BatchNormCalibrator:
