@@ -233,7 +233,7 @@ def _new_model(config: RunConfig):
 
 
 def train(opts: TrainOptions) -> dict:
-    """Run training (and evaluation); returns ``{"run_dir", "history", "metrics"}``."""
+    """Run training (evaluation and shortcut audit); returns ``{"run_dir", "history", "metrics"[, "audit"]}``."""
     import tensorflow as tf
 
     rd = RunDir(opts.out)
