@@ -246,5 +246,8 @@ def test_audit_tells_a_label_reader_from_a_cell_reader():
         report = {"clean_accuracy": clean, "colour_baseline": {"histogram": {"accuracy": clean}},
                   "majority_class_rate": 0.5, "perturbations": res["perturbations"], "heatmap": {}}
         said[name] = " ".join(readings(report))
-    assert "Reads the scale-bar label" in said["label"]
+        if name == "label":  # with a per-image colour step the reading says how the label acts
+            said["label-macenko"] = " ".join(readings({**report, "colour_step": "macenko"}))
+    assert "Reads the scale-bar label" in said["label"] and "per-image colour step" not in said["label"]
     assert "No detectable use of the scale-bar label" in said["cell"]
+    assert "per-image colour step (macenko)" in said["label-macenko"]

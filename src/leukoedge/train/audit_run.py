@@ -331,7 +331,7 @@ def _worse(p: dict, clean: dict) -> bool:
     return p["high"] < clean["low"]
 
 
-def _label_reading(perts: dict, clean: dict) -> list[str]:
+def _label_reading(perts: dict, clean: dict, colour_step: str = "as-captured") -> list[str]:
     """Label corner against the control corner: does the model read the burnt-in scale-bar label?"""
     if "label_corner_covered" not in perts or "control_corner_covered" not in perts:
         return []
@@ -339,7 +339,11 @@ def _label_reading(perts: dict, clean: dict) -> list[str]:
     figures = (f"covering the bottom-right corner (scale-bar label) gives {_pct(label['value'])}, the same area "
                f"bottom-left {_pct(control['value'])} (clean {_pct(clean['value'])})")
     if label["high"] < control["low"]:
-        return [f"Reads the scale-bar label: {figures}; the label corner costs more than the control, intervals apart."]
+        how = (f" The run's per-image colour step ({colour_step}) estimates its statistics from every pixel, the "
+               "label's included, so covering the label also changes how the whole field is normalised."
+               if colour_step in ("reinhard", "macenko") else "")
+        return [f"Reads the scale-bar label: {figures}; the label corner costs more than the control, "
+                f"intervals apart.{how}"]
     return [f"No detectable use of the scale-bar label: {figures}."]
 
 
@@ -377,7 +381,7 @@ def readings(audit: dict) -> list[str]:
         else:
             out.append(f"Under {name} accuracy is {_pct(p['value'])} (clean {_pct(a)}): removing {what} "
                        "causes no significant drop.")
-    out += _label_reading(perts, clean)
+    out += _label_reading(perts, clean, audit.get("colour_step", "as-captured"))
     if audit.get("colour_step") == "grayscale" and "grayscale" in perts:
         out.append("This run already feeds grayscale to the model, so the grayscale row equals clean by construction.")
     others = {k: v["accuracy"]["value"] for k, v in perts.items() if k != "clean"}
