@@ -40,6 +40,7 @@ from ..data.records import SPLITS
 from ..errors import RunError, UsageError
 from ..preprocess import COLOUR_STEPS, PreprocessSpec, apply_colour
 from . import audit as A
+from .cells import white_cell_masks_of
 from .dataset import ImageCache, load_split
 from .rundir import RunDir, read_json, write_json
 
@@ -220,7 +221,7 @@ def audit_run(run_dir: str | Path, split: str = "test", *, n_boot: int = 1000,
     result = A.run_audit(predict_fn, list(x), y, classes, np.random.default_rng(SEED), names,
                          n_boot=n_boot, batch_size=batch_size)
 
-    masks = np.stack([A.white_cell_mask(im) for im in tqdm(x, desc="white-cell masks", unit="img", leave=False)])
+    masks = white_cell_masks_of(x)
     model_input = np.stack([apply_colour(im, spec) for im in x])
     probs, cams, heatmap = _heatmaps(model, model_input, masks, n_boot, batch_size)
     plots_written = _write_plots(rd, result["perturbations"], baseline,

@@ -45,7 +45,7 @@ shortcut" recipe of issue 7 (compare in benchmarks/results/robustness.md).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from ..errors import UsageError
 from ..stain import HED_FROM_RGB, LUMA, RGB_FROM_HED
@@ -117,6 +117,8 @@ class AugmentConfig:
         return asdict(self)
 
 
+_ROBUST = AugmentConfig(brightness=0.15, contrast=0.2, hue=0.05, stain=0.1, hed=0.15, grayscale=0.3)
+
 #: Named recipes. ``paper003`` mirrors paper 003's ImageDataGenerator
 #: (rotation, width/height shift, shear, zoom, horizontal flip; no colour).
 RECIPES: dict[str, AugmentConfig] = {
@@ -125,11 +127,9 @@ RECIPES: dict[str, AugmentConfig] = {
                               shear_deg=11.0, brightness=0.0, contrast=0.0, hue=0.0, stain=0.0),
     "none": AugmentConfig(flip=False, rot90=False, rotation_deg=0.0, shift=0.0, zoom=0.0, shear_deg=0.0,
                           brightness=0.0, contrast=0.0, hue=0.0, stain=0.0),
-    "robust": AugmentConfig(brightness=0.15, contrast=0.2, hue=0.05, stain=0.1, hed=0.15, grayscale=0.3),
-    "cells": AugmentConfig(brightness=0.15, contrast=0.2, hue=0.05, stain=0.1, hed=0.15, grayscale=0.3,
-                           background=0.5, cell_crop=0.25),
-    "background-swap": AugmentConfig(brightness=0.15, contrast=0.2, hue=0.05, stain=0.1, hed=0.15, grayscale=0.3,
-                                     background=0.5),
+    "robust": _ROBUST,
+    "cells": replace(_ROBUST, background=0.5, cell_crop=0.25),
+    "background-swap": replace(_ROBUST, background=0.5),
 }
 
 #: Side of a cell-centred crop as a fraction of the field's short side (drawn uniformly).
@@ -189,10 +189,11 @@ def cell_views(image, mask, other, other_mask, seed, cfg: AugmentConfig):
     m = tf.cast(mask, tf.float32)
     if cfg.background:
         swap = (tf.random.stateless_uniform([], s[0], 0.0, 1.0) < cfg.background) & (tf.reduce_max(m) > 0.5)
-        image = tf.where(swap, swap_background(image, m, other, tf.cast(other_mask, tf.float32)), image)
+        image = tf.cond(swap, lambda: swap_background(image, m, other, tf.cast(other_mask, tf.float32)),
+                        lambda: image)
     if cfg.cell_crop:
         crop = tf.random.stateless_uniform([], s[1], 0.0, 1.0) < cfg.cell_crop
-        image = tf.where(crop, cell_centred_crop(image, m, s[2]), image)
+        image = tf.cond(crop, lambda: cell_centred_crop(image, m, s[2]), lambda: image)
     return image
 
 

@@ -10,8 +10,11 @@ the device's preprocessing.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from PIL import Image, ImageFilter
+from tqdm import tqdm
 
 from .. import stain
 
@@ -100,3 +103,9 @@ def white_cell_mask(
     if size >= 3:
         mask = _filter(mask, ImageFilter.MaxFilter(size))
     return mask
+
+
+def white_cell_masks_of(images: Sequence[np.ndarray], desc: str = "white-cell masks") -> np.ndarray:
+    """Boolean ``[N, H, W]`` masks of same-size uint8 RGB images, with a progress bar."""
+    return np.stack([white_cell_mask(im) for im in tqdm(images, desc=desc, unit="img", leave=False,
+                                                        mininterval=1.0)])

@@ -29,8 +29,8 @@ def register(subparsers) -> None:
     p.add_argument("--lr", type=float, help="peak learning rate (default: the model's)")
     p.add_argument("--input-size", type=int, help="square input size in px (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--augment", metavar="RECIPE", help="augmentation recipe: default, paper003, robust, cells (robust + background swap + cell-centred crops), background-swap, none "
-                                                       "(default: the model's)")
+    p.add_argument("--augment", metavar="RECIPE", help="augmentation recipe: default, paper003, robust, cells "
+                   "(robust + background swap + cell-centred crops), background-swap, none (default: the model's)")
     p.add_argument("--no-augment", action="store_true", help="train without augmentation")
     p.add_argument("--no-audit", action="store_true", help="skip the shortcut audit after training (the model card "
                    "then says how to run it: `leukoedge eval RUN --audit`)")

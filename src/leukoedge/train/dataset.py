@@ -29,7 +29,7 @@ from ..data.records import Manifest, ManifestEntry
 from ..errors import DatasetError, InvalidImageError, UsageError
 from ..preprocess import PreprocessSpec, load_image
 from .augment import AugmentConfig, augment_image, cell_views
-from .cells import white_cell_mask
+from .cells import white_cell_masks_of
 
 
 class ImageCache:
@@ -77,8 +77,7 @@ def white_cell_masks(manifest: Manifest, split: str, spec: PreprocessSpec, cache
     manifest order (the order of :func:`load_split`).
     """
     x, _, _ = load_split(manifest, split, spec.geometry_only(), cache, root)
-    return np.stack([white_cell_mask(im) for im in tqdm(x, desc=f"white-cell masks ({split})", unit="img",
-                                                        leave=False, mininterval=1.0)]).astype(np.uint8)
+    return white_cell_masks_of(x, f"white-cell masks ({split})").astype(np.uint8)
 
 
 def epoch_orders(n: int, seed: int, first_epoch: int, last_epoch: int) -> np.ndarray:

@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..data.records import Manifest
-from ..errors import DatasetError, UsageError
+from ..errors import DatasetError, LeukoEdgeError, UsageError
 from ..preprocess import PreprocessSpec
 from .augment import recipe
 from .consistency import PairedConsistencyLoss, check_replicas, check_weight, describe
@@ -316,7 +316,6 @@ def _audit(run_dir: Path, metrics: dict, cache: ImageCache, model) -> dict | Non
     command to retry, not raised: the trained and evaluated run is already
     complete on disk and must not look failed.
     """
-    from ..errors import LeukoEdgeError
     from .audit_run import audit_run
     from .evaluate import write_card
 
