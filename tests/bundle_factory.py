@@ -97,6 +97,7 @@ def build_tiny_model(size: int = SIZE, n_classes: int = len(CLASSES)):
 def make_tiny_run(tmp_dir: str | Path, *, n: int = 200, seed: int = 0, epochs: int = 30) -> Path:
     """Images + trained tiny model + run directory; returns the run directory."""
     import keras
+    import tensorflow as tf
 
     from leukoedge.preprocess import PreprocessSpec, load_image
 
@@ -117,6 +118,7 @@ def make_tiny_run(tmp_dir: str | Path, *, n: int = 200, seed: int = 0, epochs: i
     x = np.stack([load_image(manifest.resolve(e), spec) for e in train]).astype(np.float32)
     y = np.array([manifest.label_index(e.label) for e in train])
     keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()  # as the trainer does: the same run whichever tests ran first
     model = build_tiny_model()
     model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     model.fit(x, y, epochs=epochs, batch_size=16, verbose=0, shuffle=True)
@@ -176,9 +178,11 @@ _CACHE: dict = {}
 
 
 def shared_tiny_run(tmp_path_factory) -> Path:
-    """The session's tiny run directory (made on first use)."""
+    """The session's tiny run directory (made on first use), seeded by ``LEUKOEDGE_TEST_SEED``."""
+    from conftest import training_seed  # only inside pytest; benchmarks call make_tiny_run directly
+
     if "run" not in _CACHE:
-        _CACHE["run"] = make_tiny_run(tmp_path_factory.mktemp("tiny-run"))
+        _CACHE["run"] = make_tiny_run(tmp_path_factory.mktemp("tiny-run"), seed=training_seed())
     return _CACHE["run"]
 
 

@@ -3,6 +3,13 @@
 - ``shared``: needs ../shared/datasets (the team's real images), never committed.
 - ``browser``: needs Debian's chromium (``python3 tasks.py test`` installs it when it can).
 - ``pi`` / ``edgetpu``: hardware-only; always skipped off the device.
+
+Seeds: every test that trains a model takes its seed from :func:`training_seed`
+(the ``base_seed`` fixture), which adds ``LEUKOEDGE_TEST_SEED`` (default 0) to the
+test's own offset, so ``LEUKOEDGE_TEST_SEED=3 pytest`` reruns every training
+with other weights, orders, augmentations and synthetic images. A test that
+asserts what a trained model learned must hold for any seed and any x86-64 CPU
+(oneDNN on or off); see DEVELOPERS.md, "Tests".
 """
 from __future__ import annotations
 
@@ -20,6 +27,25 @@ OOD = SHARED_DATASETS / "ood"
 # Tests run on 2 cores beside other work; keep TensorFlow from oversubscribing them.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def training_seed(offset: int = 0) -> int:
+    """``offset`` + ``LEUKOEDGE_TEST_SEED`` (default 0): the seed of a training test."""
+    raw = os.environ.get("LEUKOEDGE_TEST_SEED", "0")
+    try:
+        return int(raw) + offset
+    except ValueError:
+        raise pytest.UsageError(f"LEUKOEDGE_TEST_SEED must be an integer, got {raw!r}") from None
+
+
+@pytest.fixture(scope="session")
+def base_seed() -> int:
+    """The session's base training seed (``LEUKOEDGE_TEST_SEED``, default 0)."""
+    return training_seed()
+
+
+def pytest_report_header(config):
+    return f"LEUKOEDGE_TEST_SEED={training_seed()} TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS', '(default)')}"
 
 
 def chromium_path() -> str | None:

@@ -6,6 +6,7 @@ concurrent clients on a real waitress server all get the serial answers.
 """
 from __future__ import annotations
 
+import csv
 import io
 import json
 import re
@@ -49,14 +50,15 @@ def test_classify_matches_the_runtime_and_is_stored(app, client, classifier):
     assert r.status_code == 201, r.json
     body = r.json
     expected = classifier.classify(data)
-    assert body["label"] == expected.label
+    assert body["predicted"] == expected.label
+    assert body["label"] == (None if expected.abstained else expected.label)
     assert body["probabilities"] == pytest.approx(expected.probabilities)
     assert body["abstained"] == expected.abstained and body["confidence"] == pytest.approx(expected.confidence)
     assert set(body["probabilities"]) == set(CLASSES)
     assert body["latency_ms"] > 0 and uuid.UUID(hex=body["id"])
     assert body["model"] == {"name": classifier.info()["model"], "version": classifier.info()["version"]}
     # stored: JSON, original bytes verbatim (PNG kept), heatmap + thumbnail decodable
-    assert client.get(body["urls"]["self"]).json["label"] == body["label"]
+    assert client.get(body["urls"]["self"]).json["predicted"] == body["predicted"]
     assert client.get(body["urls"]["original"]).data == data
     for kind in ("heatmap", "thumbnail"):
         img = client.get(body["urls"][kind])
@@ -78,7 +80,7 @@ def test_unusual_but_valid_modes_classify(client, classifier, mode):
     img.save(buf, format="TIFF" if mode == "CMYK" else "PNG")
     r = _post_image(client, buf.getvalue(), name=f"x.{mode}")
     assert r.status_code == 201, r.json
-    assert r.json["label"] == classifier.classify(buf.getvalue()).label
+    assert r.json["predicted"] == classifier.classify(buf.getvalue()).label
 
 
 def test_jpeg_and_tiff_uploads(client):
@@ -163,13 +165,13 @@ def test_results_pagination_filter_get_delete(app, client, classifier):
     for i, label in enumerate(CLASSES * 2):
         r = _post_image(client, png_bytes(_cell(label, 10 + i)))
         ids.append(r.json["id"])
-        labels.append(r.json["label"])
+        labels.append(r.json["label"])  # None when abstained: the label filter skips those
     page = client.get("/api/results?limit=3").json
     assert page["total"] == 8 and len(page["items"]) == 3 and page["next_offset"] == 3
     assert [i["id"] for i in page["items"]] == ids[::-1][:3]  # newest first
     last = client.get("/api/results?limit=3&offset=6").json
     assert len(last["items"]) == 2 and last["next_offset"] is None
-    some = labels[0]
+    some = next(label for label in labels if label is not None)
     filtered = client.get(f"/api/results?label={some}").json
     assert filtered["total"] == labels.count(some) and all(i["label"] == some for i in filtered["items"])
     for bad in ("limit=0", "limit=abc", "offset=-1", "limit=100000"):
@@ -195,7 +197,7 @@ def test_capture_api_uses_the_camera(client, replay_dir, classifier):
     first = sorted(replay_dir.iterdir())[0]
     r = client.post("/api/capture")
     assert r.status_code == 201 and r.json["source"] == "camera"
-    assert r.json["label"] == classifier.classify(load_image(first)).label
+    assert r.json["predicted"] == classifier.classify(load_image(first)).label
 
 
 def test_capture_without_camera_is_503_and_upload_still_works(make_app):
@@ -222,6 +224,94 @@ def test_failing_camera_keeps_the_app_serving(make_app):
     r = client.post("/api/capture")
     assert r.status_code == 503 and "unplugged" in r.json["error"]["message"]
     assert client.get("/api/health").status_code == 200
+
+
+class FlakyCamera:
+    """Fails while ``broken`` is set (a loose cable), works otherwise."""
+
+    name = "flaky"
+
+    def __init__(self) -> None:
+        self.broken = True
+
+    def capture(self):
+        from leukoedge.errors import CameraError
+
+        if self.broken:
+            raise CameraError("the camera failed to capture a still (cable loose?)")
+        return _cell("Pro", 9, 64)
+
+    def preview_jpeg(self):
+        return jpeg_bytes(self.capture())
+
+    def close(self):
+        pass
+
+
+def test_an_abstained_result_has_no_label_anywhere(make_app, classifier):
+    """A script reading ``label`` must never act on a class the model refused to give (issue 14)."""
+    client = make_app().test_client()
+    noise = png_bytes(np.random.default_rng(5).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    expected = classifier.classify(noise)
+    assert expected.abstained, "pure noise is not like the training images"
+    body = _post_image(client, noise).json
+    assert body["abstained"] is True and body["label"] is None and body["predicted"] == expected.label
+    assert client.get(body["urls"]["self"]).json["label"] is None
+    listed = client.get("/api/results").json["items"]
+    assert listed[0]["label"] is None and listed[0]["predicted"] == expected.label
+    assert client.get(f"/api/results?label={expected.label}").json["total"] == 0
+    assert client.get("/api/results?label=abstained").json["total"] == 1
+    assert expected.to_dict()["label"] is None and expected.to_dict()["predicted"] == expected.label
+    rows = list(csv.DictReader(io.StringIO(client.get("/export.csv").get_data(as_text=True))))
+    assert rows[0]["label"] == "" and rows[0]["predicted"] == expected.label and rows[0]["abstained"] == "1"
+    exported = json.loads(client.get("/export.json").data)["results"][0]
+    assert exported["label"] is None and exported["predicted"] == expected.label
+
+
+def test_health_follows_the_cameras_current_state(make_app):
+    """Health used to keep saying "available" while captures failed, and stale errors after recovery."""
+    camera = FlakyCamera()
+    client = make_app(camera=camera).test_client()
+    assert client.get("/api/health").json["camera"]["state"] == "idle"
+    assert client.post("/api/capture").status_code == 503
+    health = client.get("/api/health").json
+    cam = health["camera"]
+    assert cam["available"] is False and cam["opened"] is True and cam["state"] == "failing"
+    assert "cable loose" in cam["error"] and health["status"] == "degraded"
+    assert "leukoedge_camera_available 0" in client.get("/metrics").get_data(as_text=True)
+    camera.broken = False
+    assert client.post("/api/capture").status_code == 201
+    cam = client.get("/api/health").json["camera"]
+    assert cam["available"] is True and cam["state"] == "ok" and cam["error"] is None
+    assert "cable loose" in cam["last_error"]  # history kept, not reported as current
+    assert "leukoedge_camera_available 1" in client.get("/metrics").get_data(as_text=True)
+
+
+def test_live_preview_failures_and_recovery_reach_health(make_app):
+    import time
+
+    camera = FlakyCamera()
+    app = make_app(camera=camera, preview_fps=10)
+    client = app.test_client()
+    stream = app.extensions["leukoedge"].broadcaster.mjpeg()  # a viewer starts the producer
+    try:
+        deadline = time.monotonic() + 10
+        while client.get("/api/health").json["camera"]["state"] != "failing" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.get("/api/health").json["camera"]["available"] is False
+        camera.broken = False
+        assert next(stream).startswith(b"--frame")
+        assert client.get("/api/health").json["camera"]["state"] == "ok"
+    finally:
+        stream.close()
+
+
+def test_health_does_not_reveal_server_paths(make_app, tiny_bundle):
+    health = make_app().test_client().get("/api/health")
+    text = health.get_data(as_text=True)
+    assert str(tiny_bundle) not in text and str(tiny_bundle.parent) not in text
+    model = health.json["model"]
+    assert model["bundle_name"] == tiny_bundle.name and len(model["bundle_sha256"]) == 64
 
 
 def test_health_reports_model_runtime_and_camera(make_app, classifier):
@@ -254,12 +344,21 @@ def test_unknown_routes_and_methods_are_json_4xx(client):
 
 
 # -- fuzzing ----------------------------------------------------------------------
-_VALID = png_bytes(_cell("Benign", 3, 32))
+def _valid_seeds() -> list[bytes]:
+    """Valid files of every format a lab may send, multi-page and 16-bit TIFF included (issue 13)."""
+    from real_images import encode, gray16, two_page_tiff
+
+    rgb = _cell("Benign", 3, 32)
+    return [png_bytes(rgb), jpeg_bytes(rgb), encode(rgb, "TIFF"), two_page_tiff(rgb, rgb[::-1]),
+            encode(gray16(rgb), "TIFF"), encode(rgb, "BMP"), encode(Image.fromarray(rgb).convert("P"), "GIF")]
+
+
+_VALID_SEEDS = _valid_seeds()
 
 
 @st.composite
 def _mutated_image(draw) -> bytes:
-    data = bytearray(_VALID)
+    data = bytearray(draw(st.sampled_from(_VALID_SEEDS)))
     for _ in range(draw(st.integers(1, 8))):
         pos = draw(st.integers(0, len(data) - 1))
         data[pos] = draw(st.integers(0, 255))
@@ -274,7 +373,8 @@ def fuzz_client(make_app):
     return app, app.test_client()
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns about the damage it skips over
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(payload=st.one_of(st.binary(max_size=2048), _mutated_image()),
        field=st.one_of(st.just("image"), st.text(min_size=0, max_size=12)),
        name=st.text(max_size=40))
@@ -326,7 +426,7 @@ def test_concurrent_clients_get_the_serial_answers(make_app, classifier):
     assert not errors
     assert len(answers) == len(images)
     for i, expected in enumerate(serial):
-        assert answers[i]["label"] == expected.label
+        assert answers[i]["predicted"] == expected.label
         assert answers[i]["probabilities"] == pytest.approx(expected.probabilities)
     assert listed["total"] == len(images)
     assert {item["id"] for item in listed["items"]} == {a["id"] for a in answers.values()}

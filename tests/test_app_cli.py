@@ -49,8 +49,19 @@ def test_token_from_environment(monkeypatch):
     assert config_from_args(_args("--host", "0.0.0.0")).token == "x" * 20
 
 
+def test_upload_memory_and_host_flags_reach_the_config(monkeypatch):
+    monkeypatch.delenv("LEUKOEDGE_TOKEN", raising=False)
+    config = config_from_args(_args("--max-upload-mb", "3", "--decode-memory-mb", "64", "--host", "0.0.0.0",
+                                    "--token", "t" * 20, "--allowed-host", "Scope-3.lab.example.",
+                                    "--allowed-host", "10.0.0.7"))
+    assert config.max_upload_bytes == 3 * 1024 * 1024 and config.decode_memory_bytes == 64 * 1024 * 1024
+    assert config.allowed_hosts == ("scope-3.lab.example", "10.0.0.7")
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--host", "0.0.0.0"], "access token is required"),
+    (["--host", "0.0.0.0", "--insecure-no-token", "--allowed-host", "a b"], "not a host name"),
+    (["--decode-memory-mb", "4"], "too small"),
     (["--camera", "webcam"], "unknown camera"),
     (["--port", "0"], "outside 1..65535"),
 ])

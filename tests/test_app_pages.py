@@ -143,19 +143,21 @@ def test_history_filter_delete_and_exports(app, client, classifier):
         ids.append(_result_id(r.headers["Location"]))
     store = app.extensions["leukoedge"].store
     some = store.get(ids[0]).label
+    given = {i: store.get(i).given_label for i in ids}  # None for an abstained result
     html = client.get("/history").get_data(as_text=True)
     assert html.count('class="thumb"') == 4
     filtered = client.get(f"/history?label={some}").get_data(as_text=True)
-    assert filtered.count('class="thumb"') == sum(store.get(i).label == some for i in ids)
+    assert filtered.count('class="thumb"') == sum(g == some for g in given.values())
 
     exported = client.get("/export.csv")
     assert exported.mimetype == "text/csv" and "attachment" in exported.headers["Content-Disposition"]
     rows = list(csv.DictReader(io.StringIO(exported.get_data(as_text=True))))
     assert {r["id"] for r in rows} == set(ids)
     row = next(r for r in rows if r["id"] == ids[0])
-    assert row["label"] == some and float(row[f"p_{some}"]) == pytest.approx(store.get(ids[0]).confidence, abs=1e-6)
+    assert row["predicted"] == some and row["label"] == (given[ids[0]] or "")
+    assert float(row[f"p_{some}"]) == pytest.approx(store.get(ids[0]).confidence, abs=1e-6)
     body = json.loads(client.get(f"/export.json?label={some}").data)
-    assert {r["id"] for r in body["results"]} == {i for i in ids if store.get(i).label == some}
+    assert {r["id"] for r in body["results"]} == {i for i, g in given.items() if g == some}
     assert "not a diagnosis" in body["research_notice"]
 
     token = csrf_from(html)

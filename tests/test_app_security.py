@@ -143,3 +143,92 @@ def test_wrong_query_token_does_not_log_in(token_app):
     r = client.get("/history?token=not-the-token-at-all")
     assert r.status_code == 302 and "/login" in r.headers["Location"]
     assert client.get("/history").status_code == 302
+
+
+# -- issue 13: hostile requests ----------------------------------------------------------------
+@pytest.mark.parametrize("target", ["/\t/evil.example", "/\n/evil.example", "/\r/evil.example", "/\\evil.example",
+                                    "//evil.example", "/\\/evil.example", "https://evil.example/", " /evil",
+                                    "/\x00//evil.example", "/ /evil.example"])
+def test_login_never_redirects_off_site(token_app, target):
+    """``/login?next=/%09/evil.example`` used to send the user to //evil.example once the token was entered."""
+    client = token_app.test_client()
+    page = client.get("/login", query_string={"next": target}).get_data(as_text=True)
+    assert "evil.example" not in page
+    r = client.post("/login", data={"csrf_token": csrf_from(page), "token": TOKEN, "next": target})
+    assert r.status_code == 303
+    location = r.headers["Location"]
+    assert location == "/" and "evil" not in location
+
+
+def test_the_reported_tab_redirect_url_stays_on_site(token_app):
+    client = token_app.test_client()
+    page = client.get("/login?next=/%09/evil.example").get_data(as_text=True)  # exactly as reported
+    assert "evil.example" not in page and 'name="next" value="/"' in page
+
+
+def test_login_keeps_a_same_site_next_page(token_app):
+    client = token_app.test_client()
+    token = csrf_from(client.get("/login").data)
+    r = client.post("/login", data={"csrf_token": token, "token": TOKEN, "next": "/history?label=Pro&offset=50"})
+    assert r.status_code == 303 and r.headers["Location"] == "/history?label=Pro&offset=50"
+
+
+@pytest.fixture
+def open_app(make_app):
+    return make_app(host="0.0.0.0", insecure_no_token=True, allowed_hosts=("scope-3.lab.example",))
+
+
+def test_dns_rebinding_is_refused_without_a_token_too(open_app):
+    """--insecure-no-token used to drop the Host check: any page a lab browser visited could read and delete."""
+    from leukoedge.edge_app.security import machine_names
+
+    client = open_app.test_client()
+    for host in ("attacker.example", "attacker.example:8080", "evil.192.168.1.5.nip.io"):
+        r = client.get("/api/results", headers={"Host": host})
+        assert r.status_code == 403 and "--allowed-host" in r.json["error"]["hint"], host
+        assert client.delete(f"/api/results/{'0' * 32}", headers={"Host": host}).status_code == 403
+    for host in ("192.168.1.5:8080", "[fe80::1]:8080", "localhost:8080", "scope-3.lab.example",
+                 *sorted(machine_names())):
+        assert client.get("/api/results", headers={"Host": host}).status_code == 200, host
+
+
+def test_allowed_host_names_are_validated(tmp_path):
+    with pytest.raises(UsageError, match="not a host name"):
+        AppConfig(bundle=tmp_path, data_dir=tmp_path, host="0.0.0.0", token=TOKEN, allowed_hosts=("evil/x",))
+
+
+def test_every_page_warns_when_running_without_a_token(open_app, token_app, client):
+    pages = ("/", "/upload", "/history")
+    c = open_app.test_client()
+    for path in pages:
+        html = c.get(path).get_data(as_text=True)
+        assert 'id="no-token-warning"' in html and "anyone on this network" in html, path
+    tc = token_app.test_client()
+    tc.post("/login", data={"csrf_token": csrf_from(tc.get("/login").data), "token": TOKEN, "next": "/"})
+    for path in pages:
+        assert 'id="no-token-warning"' not in tc.get(path).get_data(as_text=True)
+        assert 'id="no-token-warning"' not in client.get(path).get_data(as_text=True)  # loopback: this machine only
+
+
+def test_made_up_methods_are_405_before_auth_and_do_not_grow_metrics(token_app):
+    """300 requests with 100 KB method names used to add 33 MB and make /metrics 40 MB, without a token."""
+    client = token_app.test_client()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    before = len(client.get("/metrics", headers=auth).data)
+    for i in range(50):
+        r = client.open("/api/results", method="X" * 20_000 + str(i))
+        assert r.status_code == 405 and r.is_json
+        assert "GET" in r.headers["Allow"]
+    text = client.get("/metrics", headers=auth).get_data(as_text=True)
+    assert "XXXX" not in text and len(text) < before + 2000
+    assert 'method="other",status="405"} 50' in text
+
+
+def test_metrics_labels_stay_bounded_over_many_distinct_requests(make_app):
+    app = make_app()
+    client = app.test_client()
+    for i in range(200):
+        client.get(f"/no-such-page-{i}-{'y' * 500}")
+        client.get(f"/results/{i:032x}")
+    text = client.get("/metrics").get_data(as_text=True)
+    assert len(text) < 10_000 and "yyyy" not in text

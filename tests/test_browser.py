@@ -104,3 +104,51 @@ def test_capture_shows_result_and_heatmap_then_corrupt_upload_shows_error(browse
     _image_loaded(page, "img.thumb")
     assert not failed
     context.close()
+
+
+def test_page_upload_of_camera_size_files_in_chromium(browser, server, classifier):
+    """12 MP JPEG, 5 MP 16-bit TIFF, 5 MP TIFF and PNG through the upload form (two batches under 32 MB)."""
+    from real_images import FIELD_5MP, HQ_FRAME, camera_frame, encode, gray16
+
+    field = camera_frame(FIELD_5MP, seed=12)
+    batches = [
+        [("hq-frame.jpg", "image/jpeg", encode(camera_frame(HQ_FRAME, seed=11), "JPEG", quality=92)),
+         ("field16.tif", "image/tiff", encode(gray16(field), "TIFF"))],
+        [("field.tif", "image/tiff", encode(field, "TIFF")),
+         ("field.png", "image/png", encode(field, "PNG", compress_level=1))],
+    ]
+    context = browser.new_context(viewport={"width": 1280, "height": 860})
+    page = context.new_page()
+    for batch in batches:
+        assert all(len(data) > 1_000_000 for _, _, data in batch)
+        page.goto(server.url + "/upload")
+        page.set_input_files("#images", files=[{"name": n, "mimeType": m, "buffer": d} for n, m, d in batch])
+        page.get_by_role("button", name="Upload and classify").click()
+        page.wait_for_load_state("load", timeout=60_000)
+        text = page.content()
+        assert all(name in text for name, _, _ in batch), text[:2000]
+        assert "error-message" not in text and "larger than" not in text
+        assert page.locator("#research-notice").is_visible()
+        for img in page.locator("img").all():
+            if "/results/" in (img.get_attribute("src") or ""):
+                page.wait_for_function("el => el.complete && el.naturalWidth > 0", arg=img.element_handle(),
+                                       timeout=20_000)
+    results = {r.filename: r for r in server.app.extensions["leukoedge"].store.page(limit=10)}
+    assert set(results) == {"hq-frame.jpg", "field16.tif", "field.tif", "field.png"}
+    jpeg = batches[0][0][2]
+    assert results["hq-frame.jpg"].label == classifier.classify(jpeg).label
+    assert (results["hq-frame.jpg"].width, results["hq-frame.jpg"].height) == HQ_FRAME
+    assert all((r.width, r.height) == FIELD_5MP for name, r in results.items() if name != "hq-frame.jpg")
+    context.close()
+
+
+def test_no_token_warning_is_visible_on_every_page_in_chromium(browser, make_app):
+    app = make_app(host="0.0.0.0", insecure_no_token=True)
+    with BackgroundServer(app, app.extensions["leukoedge"].config) as srv:
+        context = browser.new_context()
+        page = context.new_page()
+        for path in ("/", "/upload", "/history"):
+            page.goto(srv.url + path)
+            warning = page.locator("#no-token-warning")
+            assert warning.is_visible() and "anyone on this network" in warning.inner_text()
+        context.close()

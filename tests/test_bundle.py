@@ -212,3 +212,81 @@ def test_member_names_never_escape(name):
         return
     assert 1 <= len(parts) <= 2
     assert all(p not in ("", ".", "..") and "/" not in p and "\\" not in p and "\x00" not in p for p in parts)
+
+
+# -- issue 13: every number the device computes with is checked at load -------------------------------
+def _set(path: str, value):
+    """A change that sets ``meta[a][b]... = value`` for a dotted path."""
+    def change(meta):
+        *parents, leaf = path.split(".")
+        node = meta
+        for key in parents:
+            if not isinstance(node.get(key), dict):
+                node[key] = {}
+            node = node[key]
+        node[leaf] = value
+    return change
+
+
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        ("calibration.temperature", 0, "calibration.temperature is 0; it must be greater than 0"),
+        ("calibration.temperature", -1.5, "must be greater than 0"),
+        ("calibration.temperature", float("nan"), "calibration.temperature is nan, not a finite number"),
+        ("calibration.temperature", float("inf"), "not a finite number"),
+        ("calibration.temperature", "1.0", "not a finite number"),
+        ("calibration.log_prob_floor", float("nan"), "log_prob_floor"),
+        ("abstention.threshold", float("nan"), "abstention.threshold"),
+        ("abstention.threshold", float("-inf"), "abstention.threshold"),
+        ("abstention.abstain_when", "sideways", "abstain_when"),
+        ("input.quantization.scale", 0.0, "scale > 0"),
+        ("input.quantization.scale", float("nan"), "input.quantization.scale"),
+        ("input.quantization.zero_point", 300, "zero point in"),
+        ("input.quantization.zero_point", 1.5, "not an integer"),
+        ("outputs.probabilities.quantization.scale", float("inf"), "outputs.probabilities.quantization.scale"),
+    ],
+)
+def test_bad_numbers_in_bundle_json_are_refused_at_load(bundle, path, value, message):
+    """A temperature of 0 or NaN used to load, report healthy, and answer every classify with 503."""
+    _edit_meta(bundle, _set(path, value), remanifest=True)
+    with pytest.raises(BundleError) as err:
+        load_bundle(bundle)
+    assert message in err.value.message and "bundle.json" in err.value.message
+
+
+def test_duplicate_or_blank_labels_are_refused(bundle):
+    def dup(meta):
+        meta["labels"] = ["Benign", "Early", "Early", "Pro"]
+    _edit_meta(bundle, dup, remanifest=False)
+    (bundle / "labels.txt").write_text("Benign\nEarly\nEarly\nPro\n")
+    write_manifest(bundle)
+    with pytest.raises(BundleError, match="distinct labels"):
+        load_bundle(bundle)
+
+
+def test_serve_refuses_to_start_on_a_bad_number_with_a_clear_message(bundle, tmp_path, capsys):
+    from leukoedge.cli import main
+
+    _edit_meta(bundle, _set("calibration.temperature", 0.0), remanifest=True)
+    rc = main(["serve", "--bundle", str(bundle), "--camera", "none", "--data-dir", str(tmp_path / "data"),
+               "--port", "8099"])
+    err = capsys.readouterr().err
+    assert rc == BundleError.exit_code
+    assert "calibration.temperature is 0.0; it must be greater than 0" in err
+
+
+def test_invalid_bundle_hint_names_the_real_flags(bundle):
+    _edit_meta(bundle, lambda m: m.update(valid=False, invalid_reason="gate"), remanifest=True)
+    with pytest.raises(BundleError) as err:
+        load_bundle(bundle)
+    assert "--force-invalid-bundle" in err.value.hint and "--allow-invalid" in err.value.hint
+    assert "leukoedge serve --force-invalid-bundle" in err.value.hint
+
+
+def test_shape_mismatch_message_prints_plain_numbers(bundle):
+    _edit_meta(bundle, lambda m: (m["input"].update(shape=[1, 16, 16, 3]), m["preprocessing"].update(height=16, width=16)),
+               remanifest=True)
+    with pytest.raises(BundleError) as err:
+        Classifier(load_bundle(bundle), edgetpu="off")
+    assert "np.int" not in err.value.message and "[1, 32, 32, 3]" in err.value.message

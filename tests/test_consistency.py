@@ -16,6 +16,7 @@ from leukoedge.train.dataset import eval_dataset, train_dataset  # noqa: E402
 from leukoedge.train.rundir import RunDir, read_json  # noqa: E402
 from leukoedge.train.trainer import TrainOptions, train  # noqa: E402
 
+from conftest import training_seed  # noqa: E402
 from test_train import make_toy, train_on_two_logical_cpus  # noqa: E402
 
 
@@ -110,13 +111,13 @@ def test_replica_check_and_weight_range():
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    return make_toy(tmp_path_factory.mktemp("toy-consistency"), per_class=20)
+    return make_toy(tmp_path_factory.mktemp("toy-consistency"), per_class=20, seed=training_seed())
 
 
 def test_training_with_consistency_records_it_and_resumes(toy, tmp_path):
     out = tmp_path / "run"
-    opts = dict(out=out, model="leuko-tiny", manifest=toy, input_size=32, epochs=2, batch_size=8, seed=1,
-                evaluate=False, augment="robust", consistency=10.0)
+    opts = dict(out=out, model="leuko-tiny", manifest=toy, input_size=32, epochs=2, batch_size=8,
+                seed=training_seed(1), evaluate=False, augment="robust", consistency=10.0)
     first = train(TrainOptions(**{**opts, "epochs": 2}))
     config = read_json(RunDir(out).config_path)
     assert config["extra"]["consistency"]["weight"] == 10.0
@@ -146,7 +147,7 @@ def test_training_with_consistency_records_it_and_resumes(toy, tmp_path):
 @pytest.mark.slow
 def test_consistency_under_mirrored_strategy(toy, tmp_path):
     """Whole pairs per replica: two logical CPU devices, a batch that divides, no partial batch."""
-    train_on_two_logical_cpus(toy, tmp_path, batch_size=6, consistency=5.0)
+    train_on_two_logical_cpus(toy, tmp_path, batch_size=6, consistency=5.0, seed=training_seed())
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert np.isfinite(history["history"]["loss"][0])
     assert "MirroredStrategy over 2" in history["devices"]

@@ -94,9 +94,18 @@ def test_calibration_keeps_rare_classes():
     assert per["b"] >= 1 and sum(per.values()) == 32
 
 
+def test_calibration_uses_every_training_image_when_there_are_fewer_than_asked(caplog):
+    """A lab's 260-image set has ~180 training images: the default 300 must not fail (issue 14)."""
+    small = _manifest({"a": 20, "b": 20})
+    with caplog.at_level("WARNING"):
+        chosen = calibration.select_calibration(small, 300, seed=0)
+    assert sorted(e.path for e in chosen) == sorted(e.path for e in small.subset("train"))
+    assert any("fewer than the 300 asked for; using all 40" in r.getMessage() for r in caplog.records)
+
+
 def test_calibration_refuses_too_few_images_or_missing_class():
-    with pytest.raises(ConversionError, match="only 40"):
-        calibration.select_calibration(_manifest({"a": 20, "b": 20}), 300, seed=0)
+    with pytest.raises(ConversionError, match="only 20"):
+        calibration.select_calibration(_manifest({"a": 10, "b": 10}), 300, seed=0)
     no_c = _manifest({"a": 40, "b": 40})
     no_c = Manifest(**{**no_c.__dict__, "classes": ("a", "b", "c")})
     with pytest.raises(ConversionError, match="no images of class"):
@@ -246,6 +255,6 @@ def test_cli_uint8_with_zip_archive(tiny_run, tmp_path, convert_cli, capsys):
 def test_cli_reports_usage_errors_with_exit_code(tiny_run, tmp_path, convert_cli, capsys):
     code = convert_cli(tiny_run, "--quantize", "float16", "--calibration", 100, "--out", tmp_path / "x")
     assert code == 2 and "--calibration applies" in capsys.readouterr().err
-    code = convert_cli(tiny_run, "--calibration", 500, "--out", tmp_path / "y")
-    assert code == ConversionError.exit_code and "only 120" in capsys.readouterr().err
+    code = convert_cli(tiny_run, "--quantize", "int8", "--calibration", 10, "--out", tmp_path / "y")
+    assert code == 2 and "too few" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()

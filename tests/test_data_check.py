@@ -30,8 +30,8 @@ def broken(tmp_path):
     Image.fromarray(np.full((16, 16), 90, np.uint8)).save(root / "Original" / "Pre" / "WBC-Malignant-Pre-102.png")
     Image.fromarray(np.full((16, 16, 4), 90, np.uint8), "RGBA").save(root / "Original" / "Pre" / "WBC-Malignant-Pre-103.png")
     bomb = root / "Original" / "Pro" / "WBC-Malignant-Pro-101.png"
-    from test_preprocess import _png_header_only
-    bomb.write_bytes(_png_header_only(40000, 40000))
+    from real_images import png_header_only
+    bomb.write_bytes(png_header_only(40000, 40000))
     shutil.copyfile(root / "Original" / "Pro" / "WBC-Malignant-Pro-001.jpg", root / "Original" / "Pro" / "WBC-Malignant-Pro-102.jpg")
     shutil.copyfile(root / "Original" / "Pro" / "WBC-Malignant-Pro-002.jpg", root / "Original" / "Early" / "WBC-Malignant-Early-102.jpg")
     return root
@@ -103,3 +103,61 @@ def test_distinct_fields_with_the_same_illumination_are_not_near_duplicates(tmp_
     h, t = fingerprint(copy)
     assert hamming(h, hashes[0]) <= NEAR_DUPLICATE_BITS
     assert near_duplicate_pairs([hashes[0], h], thumbs=[thumbs[0], t]) == [(0, 1)]
+
+
+# -- issue 14: confounds and a root above the datasets ------------------------------------------
+def _class_folders(root, spec: dict[str, list[tuple[str, tuple[int, int], str]]]):
+    """root/<class>/<name>: (name, (width, height), mode) per image; smear content from the generator."""
+    rng = np.random.default_rng(0)
+    for label, images in spec.items():
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for name, size, mode in images:
+            img = Image.fromarray(render_field("Benign", rng, 64)).resize(size).convert(mode)
+            img.save(root / label / name)
+    return root
+
+
+def test_an_image_size_confounded_with_the_class_is_reported(tmp_path):
+    """All 33 images of one camera's size in one class (as in a public field set): a net can read the size."""
+    spec = {
+        "blast": [(f"im{i:03d}.jpg", (171, 137), "RGB") for i in range(33)] + [(f"x{i:03d}.jpg", (130, 97), "RGB") for i in range(17)],
+        "normal": [(f"im{i:03d}.jpg", (130, 97), "RGB") for i in range(50)],
+    }
+    report = check_dataset(_class_folders(tmp_path / "ds", spec), progress=False)
+    sizes = [c for c in report.confounds if c["property"] == "image size"]
+    assert len(sizes) == 1 and sizes[0]["value"] == "171x137" and sizes[0]["label"] == "blast"
+    assert sizes[0]["n"] == sizes[0]["n_label"] == 33 and sizes[0]["p_chance"] < 1e-6
+    text = report.to_text()
+    assert "WARNING image size 171x137: 33 of its 33 images are 'blast'" in text
+    assert report.ok  # a warning, not an error: the files are fine
+
+
+def test_mode_format_and_naming_confounds_and_no_false_alarm(tmp_path):
+    spec = {
+        "blast": [(f"scan-{i:03d}.tif", (96, 96), "L") for i in range(12)],
+        "normal": [(f"IMG_{i:04d}.jpg", (96, 96), "RGB") for i in range(12)],
+    }
+    report = check_dataset(_class_folders(tmp_path / "ds", spec), progress=False)
+    assert {c["property"] for c in report.confounds} == {"mode", "format", "file-name pattern"}
+    # Same properties in both classes, file names that only spell the label: nothing to report.
+    even = {"blast": [(f"blast_{i:03d}.png", (96, 96), "RGB") for i in range(12)],
+            "normal": [(f"normal_{i:03d}.png", (96, 96), "RGB") for i in range(12)]}
+    assert check_dataset(_class_folders(tmp_path / "even", even), progress=False).confounds == []
+
+
+def test_taleqani_names_are_not_reported_as_a_confound(tmp_path):
+    report = check_dataset(make_taleqani(tmp_path / "tq", per_class=8), progress=False)
+    assert not [c for c in report.confounds if c["property"] == "file-name pattern"]
+
+
+def test_a_root_above_several_datasets_is_said_to_be_one(tmp_path, capsys):
+    """Pointed at the folder above the datasets, the class-folder reader took their names for classes, silently."""
+    parent = tmp_path / "work"
+    for name in ("ALL_IDB_A", "ALL_IDB_B"):
+        _class_folders(parent / name, {"blast": [(f"b{i}.png", (64, 64), "RGB") for i in range(3)],
+                                       "normal": [(f"n{i}.png", (64, 64), "RGB") for i in range(3)]})
+    report = check_dataset(parent, progress=False)
+    assert report.layout == "class-folders" and set(report.classes) == {"ALL_IDB_A", "ALL_IDB_B"}
+    assert len(report.warnings) == 2 and "looks like the parent of one or more datasets" in report.warnings[0]
+    assert main(["data", "check", str(parent), "--json"]) == 0
+    assert "parent of one or more datasets" in json.loads(capsys.readouterr().out)["warnings"][0]

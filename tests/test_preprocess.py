@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -11,6 +9,7 @@ from PIL import Image
 
 from leukoedge.errors import ImageTooLargeError, InvalidImageError, UsageError
 from leukoedge.preprocess import PreprocessSpec, describe_image, load_image, prepare
+from real_images import png_header_only
 
 SPEC = PreprocessSpec.square(32)
 
@@ -79,12 +78,19 @@ def test_exif_orientation_is_applied():
     assert out.shape[:2] == (40, 20)
 
 
-def test_resize_is_deterministic_and_bilinear():
+def test_resize_is_deterministic_box_reduce_then_bilinear():
+    """Larger than twice the input: box reduction by a whole factor (min(200//64, 150//64) = 2), then bilinear."""
     data = _encode(Image.fromarray(_gradient((200, 150))), "PNG")
     a, b = load_image(data, SPEC), load_image(data, SPEC)
     assert np.array_equal(a, b)
-    ref = np.asarray(Image.fromarray(_gradient((200, 150))).resize((32, 32), Image.Resampling.BILINEAR))
+    ref = np.asarray(Image.fromarray(_gradient((200, 150))).reduce(2).resize((32, 32), Image.Resampling.BILINEAR))
     assert np.array_equal(a, ref)
+    # A camera array of the same pixels takes the same path.
+    assert np.array_equal(prepare(_gradient((200, 150)), SPEC), a)
+    # Up to twice the input size there is no reduction: plain bilinear.
+    small = _gradient((60, 50))
+    plain = np.asarray(Image.fromarray(small).resize((32, 32), Image.Resampling.BILINEAR))
+    assert np.array_equal(load_image(_encode(Image.fromarray(small), "PNG"), SPEC), plain)
 
 
 def test_prepare_accepts_camera_arrays():
@@ -116,22 +122,14 @@ def test_truncated_jpeg_is_refused():
     assert "truncated" in str(err.value) or "corrupt" in str(err.value)
 
 
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG claiming huge dimensions with a tiny (invalid) body: a decompression bomb's header."""
-    def chunk(tag, body):
-        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 10)) + chunk(b"IEND", b"")
-
-
 def test_decompression_bomb_is_refused_before_decoding():
     with pytest.raises(ImageTooLargeError):
-        load_image(_png_header_only(30000, 30000))
+        load_image(png_header_only(30000, 30000))
 
 
 def test_absurd_side_is_refused():
     with pytest.raises(ImageTooLargeError):
-        load_image(_png_header_only(1, 25000))
+        load_image(png_header_only(1, 25000))
 
 
 def test_missing_file_and_directory(tmp_path):

@@ -227,8 +227,9 @@ def test_prediction_fields(clf, test_images):
     assert np.array(pred.to_dict(include_heatmap=True)["heatmap"]).shape == (32, 32)
 
 
-def test_classifier_is_accurate_on_the_test_split(clf, test_images):
+def test_classifier_is_accurate_on_the_test_split(clf, test_images, record_property):
     correct = sum(clf.classify(p).label == p.parent.name for p in test_images)
+    record_property("accuracy", correct / len(test_images))
     assert correct / len(test_images) >= 0.9
 
 
@@ -291,7 +292,9 @@ def test_model_and_bundle_json_must_agree(int8_bundle, tmp_path):
     b = tmp_path / "mismatch"
     shutil.copytree(int8_bundle, b)
     meta = json.loads((b / "bundle.json").read_text())
+    zero = meta["input"]["quantization"]["zero_point"]
     meta["input"]["dtype"] = "uint8"  # the model's input is int8
+    meta["input"]["quantization"]["zero_point"] = zero + 128  # a valid uint8 description of another model
     (b / "bundle.json").write_text(json.dumps(meta))
     write_manifest(b)  # consistent checksums: only the cross-check can catch it
     with pytest.raises(BundleError, match="input is int8"):

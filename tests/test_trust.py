@@ -88,12 +88,29 @@ def test_on_device_ood_score_equals_reference(clf, source_bundle):
         assert json.loads(json.dumps(d))["ood_score_name"] == "mahalanobis"
 
 
-def test_abstains_on_foreign_images_and_few_in_distribution(clf):
-    foreign = [clf.classify(img, heatmap=False) for img in _foreign_images()]
-    native = [clf.classify(img, heatmap=False) for img in _in_distribution()]
-    assert all(p.abstained for p in foreign), [p.ood_score for p in foreign]
-    assert np.mean([p.abstained for p in native]) <= 0.15
-    assert min(p.ood_score for p in foreign) > np.median([p.ood_score for p in native])
+def test_abstains_on_foreign_images_and_few_in_distribution(clf, record_property):
+    """Noise fields always abstain; flat fields all but at most one; fresh cells about as often as val's 5 %.
+
+    In-distribution: the threshold leaves 2 of the 40 val images above it, so a fresh image from the
+    same generator (exchangeable with val) lies above it with probability r ~ Beta(3, 38) (mean 7 %),
+    whatever the CPU or the seed; over 200 fresh images P(rate > 0.3) ~ 2e-4. (With 40 images and a
+    0.15 bound it was ~8 %: seed 6 abstained on 9 of 40.)
+    Foreign: a learned outcome. Over seeds 0-9 x oneDNN on/off noise scored >= 7.7x the threshold and
+    black, green and blue fields >= 28x, but a flat yellow field ranged from 0.27x (seed 1: it passes
+    for a cell) to 820x, hence "all but at most one" for the flat fields.
+    """
+    threshold = clf.bundle.abstention["threshold"]
+    foreign = _foreign_images()
+    flats, noise = foreign[:4], foreign[4:]
+    score = lambda images: np.array([clf.classify(im, heatmap=False).ood_score for im in images])  # noqa: E731
+    flat_s, noise_s, native_s = score(flats), score(noise), score(_in_distribution(200))
+    record_property("noise_min_over_threshold", round(float(noise_s.min() / threshold), 3))
+    record_property("flat_over_threshold", np.round(flat_s / threshold, 3).tolist())
+    record_property("native_abstain_rate", float(np.mean(native_s > threshold)))
+    assert np.all(noise_s > threshold), noise_s / threshold
+    assert np.sum(flat_s > threshold) >= len(flats) - 1, flat_s / threshold
+    assert np.mean(native_s > threshold) <= 0.3
+    assert noise_s.min() > np.median(native_s)
 
 
 def test_conversion_report_matches_what_the_device_decides(clf, source_bundle, tmp_path_factory):
@@ -113,8 +130,12 @@ def test_temperature_is_stored_and_applied_as_fitted(clf, source_bundle, bundle_
     cal = clf.bundle.calibration
     assert cal["fitted_on"] == "val" and cal["method"] == trust.CALIBRATION_METHOD
     lo, hi = cal["temperature_interval"]
-    # The conservative choice: 1 when the bootstrap interval contains it, else the end nearer 1.
-    assert cal["temperature"] == (1.0 if lo <= 1.0 <= hi else min((lo, hi), key=lambda t: abs(np.log(t))))
+    # The conservative choice: 1 when the bootstrap interval contains it, else the end nearer 1 ...
+    conservative = 1.0 if lo <= 1.0 <= hi else min((lo, hi), key=lambda t: abs(np.log(t)))
+    assert cal["temperature_fitted"] == conservative
+    # ... applied only when it lowers the validation ECE (issue 14), else T = 1 with the reason.
+    assert cal["temperature"] == (1.0 if cal["kept_at_1"] else conservative)
+    assert (cal["ece_val_after"] < cal["ece_val_before"]) if cal["temperature"] != 1.0 else True
     image = _in_distribution(1, seed=5)[0]
     raw = clf.run(clf.to_pixels(image))
     pred = clf.classify(image)
@@ -249,7 +270,7 @@ def test_fitted_score_without_its_scorer_is_refused():
         postprocess.abstain(np.full(4, 0.25), np.zeros(24), {"score": "mahalanobis", "threshold": 1.0})
 
 
-def test_convert_cli_with_ood_dirs_and_knn(tmp_path_factory, tmp_path, capsys):
+def test_convert_cli_with_ood_dirs_and_knn(tmp_path_factory, tmp_path, capsys, record_property):
     from leukoedge.cli import main
 
     run = shared_tiny_run(tmp_path_factory)
@@ -268,8 +289,12 @@ def test_convert_cli_with_ood_dirs_and_knn(tmp_path_factory, tmp_path, capsys):
     assert figures["n"] == 10 and figures["held_out"]["n"] + figures["dev"]["n"] == 10
     assert 0.0 <= figures["auroc"] <= 1.0 and figures["held_out"]["auroc"] is not None
     # kNN on L2-normalised features ignores their magnitude, so on this tiny model a flat
-    # colour can point like a cell; the Mahalanobis default (compared on the same outputs) does not.
-    assert report["comparison"]["mahalanobis"]["ood"]["flat-and-noise"]["auroc"] > 0.95
+    # colour can point like a cell; the Mahalanobis default (compared on the same outputs) ranks the
+    # noise and all flat fields but, at some seeds, the yellow one above every cell (see the test above):
+    # 9 of 10 above every cell is an AUROC >= 0.9. Measured 0.96-1.0 over seeds 0-9 x oneDNN on/off.
+    record_property("mahalanobis_auroc", report["comparison"]["mahalanobis"]["ood"]["flat-and-noise"]["auroc"])
+    record_property("knn_auroc", figures["auroc"])
+    assert report["comparison"]["mahalanobis"]["ood"]["flat-and-noise"]["auroc"] >= 0.9
     assert "held-out half" in (out / "trust.md").read_text()
     b = load_bundle(out)
     assert b.abstention["scorer"]["files"] == {"reference": "ood_reference.npy"}

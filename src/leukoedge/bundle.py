@@ -161,6 +161,11 @@ class Bundle:
         return self.path / MODEL_NAME
 
     @property
+    def sha256(self) -> str:
+        """SHA-256 of MANIFEST.sha256: one fingerprint for the whole verified bundle (what a report cites)."""
+        return sha256_file(self.path / MANIFEST_NAME)
+
+    @property
     def edgetpu_model_path(self) -> Path | None:
         name = self.meta.get("files", {}).get("model_edgetpu")
         return self.path / name if name else None
@@ -268,8 +273,9 @@ def load_bundle(path: str | Path, allow_invalid: bool = False) -> Bundle:
     if not bundle.valid and not allow_invalid:
         raise BundleError(
             f"{source}: this bundle is marked invalid: {bundle.invalid_reason or 'no reason given'}",
-            hint="its int8 model does not classify like the float model; re-convert it, "
-            "or load it anyway with allow_invalid=True / --allow-invalid for debugging only",
+            hint="its int8 model does not classify like the float model; re-convert it, or load it anyway "
+            "for debugging only (`leukoedge serve --force-invalid-bundle`, `leukoedge bench latency "
+            "--allow-invalid`, `load_bundle(..., allow_invalid=True)`)",
         )
     return bundle
 
@@ -382,7 +388,65 @@ def _check_meta(root: Path, meta: dict, label: str) -> tuple[PreprocessSpec, tup
     if weights and (not _is_plain_name(str(weights)) or not (root / str(weights)).is_file()):
         raise BundleError(f"{label}: heatmap weights file {weights!r} is not in the bundle")
     _check_scorer(root, meta.get("abstention"), outputs, label)
+    _check_numbers(meta, label)
     return spec, labels
+
+
+#: Integer range of each quantised input dtype (the zero point must lie inside it).
+_QUANT_RANGE = {"int8": (-128, 127), "uint8": (0, 255)}
+
+
+def _number(value, what: str, label: str, *, positive: bool = False, allow_none: bool = False) -> float | None:
+    """A finite real number from bundle.json, or BundleError naming the field (NaN/Infinity parse as JSON here)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+        raise BundleError(f"{label}: {META_NAME} {what} is {value!r}, not a finite number",
+                          hint="the bundle was edited or written by a broken converter; re-run `leukoedge convert`")
+    if positive and value <= 0:
+        raise BundleError(f"{label}: {META_NAME} {what} is {value!r}; it must be greater than 0",
+                          hint="re-run `leukoedge convert` (a temperature of 0 would divide by zero on every image)")
+    return float(value)
+
+
+def _check_numbers(meta: dict, label: str) -> None:
+    """Every number the device computes with is finite and in range, so a bad bundle fails at start-up.
+
+    Without this, a temperature of 0 or NaN loads, reports healthy and answers
+    every request with an error (issue 13).
+    """
+    for name in meta["labels"]:
+        if not str(name).strip() or any(ord(c) < 32 for c in str(name)):
+            raise BundleError(f"{label}: {META_NAME} has an empty or multi-line label {str(name)[:40]!r}")
+    calibration = meta.get("calibration")
+    if calibration is not None:
+        if not isinstance(calibration, dict):
+            raise BundleError(f"{label}: {META_NAME} 'calibration' must be an object")
+        _number(calibration.get("temperature", 1.0), "calibration.temperature", label, positive=True)
+        _number(calibration.get("log_prob_floor"), "calibration.log_prob_floor", label, allow_none=True)
+    abstention = meta.get("abstention") or {}
+    if abstention:
+        _number(abstention.get("threshold"), "abstention.threshold", label, allow_none=True)
+        side = abstention.get("abstain_when")
+        if side is not None and side not in ("below", "above"):
+            raise BundleError(f"{label}: {META_NAME} abstention.abstain_when is {side!r}; use 'below' or 'above'")
+        scorer = abstention.get("scorer")
+        if isinstance(scorer, dict):
+            _number(scorer.get("threshold"), "abstention.scorer.threshold", label, allow_none=True)
+    for where, desc in [("input", meta["input"])] + [(f"outputs.{k}", v) for k, v in meta["outputs"].items()]:
+        quant = (desc or {}).get("quantization") if isinstance(desc, dict) else None
+        if not quant:
+            continue
+        dtype = desc.get("dtype")
+        scale = _number(quant.get("scale", 0.0), f"{where}.quantization.scale", label)
+        zero = quant.get("zero_point", 0)
+        if isinstance(zero, bool) or not isinstance(zero, int):
+            raise BundleError(f"{label}: {META_NAME} {where}.quantization.zero_point is {zero!r}, not an integer")
+        if dtype in _QUANT_RANGE:
+            lo, hi = _QUANT_RANGE[dtype]
+            if scale <= 0 or not lo <= zero <= hi:
+                raise BundleError(f"{label}: {META_NAME} {where} is {dtype} with scale {scale:g} and zero point "
+                                  f"{zero}; a quantised tensor needs scale > 0 and a zero point in [{lo}, {hi}]")
 
 
 def _check_scorer(root: Path, abstention, outputs: dict, label: str) -> None:

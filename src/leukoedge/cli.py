@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
 from typing import Sequence
 
 from . import RESEARCH_NOTICE, __version__
 from .errors import LeukoEdgeError
+from .quiet import filter_native_stderr, quiet_environment
 
 #: (subcommand, module providing ``register``), in the order shown by --help.
 COMMAND_MODULES = (
@@ -49,8 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # Before any subcommand imports TensorFlow: keep its C++ start-up chatter off the user's screen.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-v", "--verbose") for a in argv):
+        return _main(argv)  # everything, native start-up lines included
+    # Before any subcommand imports TensorFlow: keep native start-up chatter off the user's screen.
+    quiet_environment()
+    with filter_native_stderr():
+        return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -20,25 +20,24 @@ dimensions, decompression bombs.
 """
 from __future__ import annotations
 
-import io
-import warnings
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
-from typing import BinaryIO, Union
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from . import stain
-from .errors import ImageTooLargeError, InvalidImageError, UsageError
+from .decode import MAX_DECODE_PIXELS, MAX_SIDE, ImageSource, decode_image, read_header, reduce_towards
+from .errors import InvalidImageError, UsageError
 
-ImageSource = Union[str, Path, bytes, bytearray, BinaryIO]
+__all__ = ["PreprocessSpec", "ImageSource", "open_image", "load_image", "prepare", "resize", "apply_colour",
+           "to_rgb", "describe_image", "decode_size", "MAX_PIXELS", "MAX_SIDE", "OVERSAMPLE", "COLOUR_STEPS"]
 
-#: Largest image accepted, in pixels (a 8000 x 8000 whole-slide tile is 64 MP).
-#: Checked from the header, before any pixel is decoded.
-MAX_PIXELS = 64_000_000
-#: Longest side accepted; a 1 x 10^7 strip is absurd even if its area is small.
-MAX_SIDE = 20_000
+#: Largest image decoded, in pixels (a 8000 x 8000 whole-slide tile is 64 MP), counted
+#: after JPEG DCT scaling; checked from the header, before any pixel is decoded.
+MAX_PIXELS = MAX_DECODE_PIXELS
+#: Sources are decoded (JPEG DCT scaling) and box-reduced to no less than this many
+#: times the model input before the final bilinear resize.
+OVERSAMPLE = 2
 
 #: The one resize filter. Bilinear with Pillow's antialiasing support is
 #: deterministic, fast on a Pi and smooth when shrinking camera stills.
@@ -113,75 +112,26 @@ class PreprocessSpec:
         return cls(**{k: data[k] for k in known if k in data})
 
 
-def _describe(source: ImageSource) -> str:
-    if isinstance(source, (str, Path)):
-        return str(source)
-    return "uploaded image"
-
-
-def open_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open, validate and fully decode the first frame of an image.
+def open_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS,
+               min_size: tuple[int, int] | None = None) -> Image.Image:
+    """Open, validate and decode the first frame of an image (see :mod:`leukoedge.decode`).
 
     The size is checked from the header before decoding, so a decompression
     bomb costs nothing. Multi-page TIFFs give their first page. The returned
-    image is loaded (no lazy file handle) and EXIF-oriented.
+    image is loaded (no lazy file handle) and EXIF-oriented. With ``min_size``
+    (height, width) a JPEG is decoded at the smallest DCT scale, and any image
+    box-reduced by whole factors, that still give at least that size.
     """
-    name = _describe(source)
-    if isinstance(source, (bytes, bytearray)):
-        if len(source) == 0:
-            raise InvalidImageError(f"{name}: the file is empty (0 bytes)")
-        stream: BinaryIO = io.BytesIO(source)
-    elif isinstance(source, (str, Path)):
-        path = Path(source)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise InvalidImageError(f"{name}: no such file") from None
-        except IsADirectoryError:
-            raise InvalidImageError(f"{name}: is a directory, not an image") from None
-        except OSError as err:
-            raise InvalidImageError(f"{name}: cannot read ({err.strerror or err})") from None
-        if not data:
-            raise InvalidImageError(f"{name}: the file is empty (0 bytes)")
-        stream = io.BytesIO(data)
-    else:
-        stream = source
-    with warnings.catch_warnings():
-        # Pillow warns (then errors) past its own bomb limit; we enforce ours.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(stream)
-        except UnidentifiedImageError:
-            raise InvalidImageError(f"{name}: not an image Pillow can read (JPEG, PNG, BMP, TIFF, ...)") from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ImageTooLargeError(f"{name}: refused as a decompression bomb") from None
-        except (OSError, ValueError, SyntaxError) as err:
-            raise InvalidImageError(f"{name}: corrupt image header ({err})") from None
-        _check_dimensions(img, name, max_pixels)
-        try:
-            img.seek(0)
-            img.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ImageTooLargeError(f"{name}: refused as a decompression bomb") from None
-        except (OSError, ValueError, SyntaxError, EOFError) as err:
-            raise InvalidImageError(f"{name}: truncated or corrupt image data ({err})") from None
-    try:
-        img = ImageOps.exif_transpose(img)
-    except Exception as err:  # noqa: BLE001 - Pillow raises many types on bad EXIF
-        raise InvalidImageError(f"{name}: unreadable EXIF orientation ({err})") from None
-    return img
+    return decode_image(source, min_size=min_size, max_pixels=max_pixels)
 
 
-def _check_dimensions(img: Image.Image, name: str, max_pixels: int) -> None:
-    width, height = img.size
-    if width <= 0 or height <= 0:
-        raise InvalidImageError(f"{name}: image has no pixels ({width}x{height})")
-    if max(width, height) > MAX_SIDE or width * height > max_pixels:
-        raise ImageTooLargeError(
-            f"{name}: {width}x{height} pixels is too large "
-            f"(limit {MAX_SIDE} px per side and {max_pixels / 1e6:.0f} MP)",
-            hint="downscale the image before classifying it",
-        )
+def decode_size(spec: PreprocessSpec) -> tuple[int, int]:
+    """The least (height, width) a source is decoded at for ``spec``: :data:`OVERSAMPLE` x the input.
+
+    Decoding at twice the input, then resizing, keeps the bilinear resize's
+    anti-aliasing meaningful while skipping most of a camera frame's pixels.
+    """
+    return (spec.height * OVERSAMPLE, spec.width * OVERSAMPLE)
 
 
 def to_rgb(img: Image.Image) -> np.ndarray:
@@ -189,18 +139,31 @@ def to_rgb(img: Image.Image) -> np.ndarray:
 
     - 16-bit and 32-bit integer grayscale (``I;16``, ``I``): scaled by the
       image's bit depth (not its own max, which would change contrast per
-      image) to 8 bits, then replicated to three channels.
+      image) to 8 bits, then replicated to three channels. A 16-bit image
+      box-reduced on decode arrives as ``I`` with ``info["bit_depth"] == 16``.
     - float (``F``): assumed in [0, 1] if its max is <= 1, else [0, 255].
     - transparency (``RGBA``, ``LA``, ``PA``, palettes with alpha): composited
       over white, the colour of an empty microscope field.
     - everything else (``1``, ``L``, ``P``, ``CMYK``, ``YCbCr``, ...) through
       Pillow's own conversion.
+
+    Any failure of a damaged image here is an :class:`InvalidImageError`.
     """
+    try:
+        return _to_rgb(img)
+    except (ValueError, TypeError, OSError, OverflowError, IndexError) as err:
+        raise InvalidImageError(f"cannot convert a {img.mode} image to RGB ({type(err).__name__}: {err})") from None
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(img, dtype=np.int64)
-        scale = 65535 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255
-        gray = np.clip(arr * 255 // scale, 0, 255).astype(np.uint8)
+        arr = np.asarray(img)
+        sixteen = mode.startswith("I;16") or img.info.get("bit_depth") == 16
+        scale = 65535 if sixteen or arr.max(initial=0) > 255 else 255
+        gray = np.empty(arr.shape, np.uint8)
+        for r in range(0, arr.shape[0], 1024):  # row blocks: a 64 MP frame never needs 8 bytes per pixel
+            gray[r:r + 1024] = np.clip(arr[r:r + 1024].astype(np.int64) * 255 // scale, 0, 255)
         return np.repeat(gray[:, :, None], 3, axis=2)
     if mode == "F":
         arr = np.asarray(img, dtype=np.float64)
@@ -218,12 +181,17 @@ def to_rgb(img: Image.Image) -> np.ndarray:
 
 
 def resize(rgb: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """Resize a uint8 HxWx3 array to the spec's input size with the one method."""
+    """Resize a uint8 HxWx3 array to the spec's input size with the one method.
+
+    An array larger than :func:`decode_size` is first box-reduced by a whole
+    factor (as a file is on decode), so a camera array and the same pixels
+    saved as PNG give identical model input.
+    """
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise InvalidImageError(f"expected a uint8 HxWx3 array, got {rgb.dtype} {rgb.shape}")
     if rgb.shape[:2] == spec.size:
         return np.ascontiguousarray(rgb)
-    img = Image.fromarray(rgb, mode="RGB")
+    img = reduce_towards(Image.fromarray(np.ascontiguousarray(rgb), mode="RGB"), decode_size(spec))
     out = img.resize((spec.width, spec.height), resample=_RESAMPLE[spec.resize_method])
     return np.asarray(out, dtype=np.uint8)
 
@@ -253,33 +221,30 @@ def apply_colour(rgb: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return stain.macenko_normalize(rgb)
 
 
+def decode_rgb(source: ImageSource, spec: PreprocessSpec | None = None, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """uint8 RGB at the least resolution ``spec`` needs (:func:`decode_size`), or in full without a spec.
+
+    What the app stores and displays beside the result; :func:`prepare` of it
+    gives exactly :func:`load_image`'s pixels.
+    """
+    return to_rgb(open_image(source, max_pixels=max_pixels, min_size=decode_size(spec) if spec else None))
+
+
 def load_image(source: ImageSource, spec: PreprocessSpec | None = None, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode any supported image to uint8 RGB, resized to ``spec`` if given.
 
-    This is the function every stage calls on a file or upload.
+    This is the function every stage calls on a file or upload. With a spec, a
+    large JPEG is decoded at reduced size (DCT scaling) and any large image
+    box-reduced before the resize, so a 12 MP camera frame costs little more
+    than a small image.
     """
-    rgb = to_rgb(open_image(source, max_pixels=max_pixels))
+    rgb = decode_rgb(source, spec, max_pixels=max_pixels)
     return apply_colour(resize(rgb, spec), spec) if spec is not None else rgb
 
 
 def describe_image(source: ImageSource) -> dict:
-    """Header facts (format, mode, size, frames) without decoding pixels."""
-    img = None
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(source if not isinstance(source, (bytes, bytearray)) else io.BytesIO(source))
-            return {
-                "format": img.format,
-                "mode": img.mode,
-                "width": img.size[0],
-                "height": img.size[1],
-                "frames": getattr(img, "n_frames", 1),
-            }
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-            raise InvalidImageError(f"{_describe(source)}: not a readable image ({err})") from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ImageTooLargeError(f"{_describe(source)}: refused as a decompression bomb") from None
-        finally:
-            if img is not None:
-                img.close()
+    """Header facts (format, mode, width, height, frames) without decoding pixels.
+
+    ``frames`` is None when a later page of a multi-page file is damaged.
+    """
+    return read_header(source)

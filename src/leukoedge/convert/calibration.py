@@ -7,11 +7,17 @@ the parity gate would then grade the model on its own calibration data).
 Stratified by class in the split's proportions, at least one per class, with
 the run's seed, so a conversion is reproducible.
 
+A lab's first dataset is small (a 260-image set has ~180 training images):
+when the train split holds fewer images than asked for (default 300), all of
+them are used and a warning says so; only fewer than ``MIN_CALIBRATION`` is an
+error.
+
 What can fail: :class:`ConversionError` when the split has too few images, or
 an image is missing (with a hint about ``--data-root``).
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -22,19 +28,26 @@ from ..errors import ConversionError, InvalidImageError
 from ..preprocess import PreprocessSpec, load_image
 from .modes import MIN_CALIBRATION
 
+log = logging.getLogger(__name__)
 
-def select_calibration(manifest: Manifest, n: int, seed: int) -> list[ManifestEntry]:
-    """``n`` train-split entries, stratified by class; refuses too few images."""
+
+def select_calibration(manifest: Manifest, n: int, seed: int, *, purpose: str = "calibration",
+                       minimum: int = MIN_CALIBRATION) -> list[ManifestEntry]:
+    """``n`` train-split entries, stratified by class; all of them when the split has fewer (said in the log).
+
+    Fewer than ``minimum`` training images is an error (int8 activation ranges
+    measured on fewer are unreliable).
+    """
     train = manifest.subset("train")
-    if len(train) < n:
-        hint = (
-            f"use --calibration {len(train)} (all training images)"
-            if len(train) >= MIN_CALIBRATION
-            else f"the run needs at least {MIN_CALIBRATION} training images to calibrate int8 reliably"
-        )
+    if len(train) < minimum:
         raise ConversionError(
-            f"calibration needs {n} images from the train split, which has only {len(train)}", hint=hint
+            f"{purpose} needs at least {minimum} images from the train split, which has only {len(train)}",
+            hint="train on more images; int8 activation ranges measured on fewer are unreliable",
         )
+    if len(train) < n:
+        log.warning("%s: the train split has %d images, fewer than the %d asked for; using all %d",
+                    purpose, len(train), n, len(train))
+        n = len(train)
     by_class: dict[str, list[ManifestEntry]] = {}
     for entry in sorted(train, key=lambda e: e.path):
         by_class.setdefault(entry.label, []).append(entry)

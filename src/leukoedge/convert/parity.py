@@ -6,8 +6,22 @@ the converted model (through :class:`leukoedge.runtime.Classifier`, the
 device code path, never ``tf.lite``) classify the same decoded test images;
 the comparison is pure numpy (:func:`compare`) so it is tested on arrays.
 
-Pass when ``delta_accuracy`` (float - converted, percentage points) is at most
-``max_drop`` AND top-1 ``agreement`` is at least ``min_agreement``.
+The decision is statistical, so it means the same at n = 39 as at n = 390
+(issue 14: at n = 39 the old "agreement >= 0.99" meant "zero flips", and one
+image that moved from p 0.503 to 0.523 failed a model whose int8 version was
+MORE accurate):
+
+- **flips**: the converted model fails when its top-1 flip rate is shown to
+  exceed the tolerated rate ``1 - min_agreement`` (one-sided exact binomial
+  test, ``p < ALPHA``): 1 flip of 39 passes (p = 0.32), 3 of 39 fail;
+- **accuracy**: it fails when the accuracy drop is larger than ``max_drop``
+  points AND real, i.e. significant on the paired images (exact McNemar on
+  those one model gets right and the other wrong): one image lost at n = 39
+  (2.6 points, p = 1) is chance, eight lost of 390 (2 points, p = 0.008) is not.
+
+A broken conversion (e.g. calibrated on constant images) flips most answers
+and fails both. The report gives the flip rate with its exact interval, so a
+pass at small n says how large a flip rate the data could still hide.
 """
 from __future__ import annotations
 
@@ -16,7 +30,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from tqdm import tqdm
 
+from ..stats import clopper_pearson, exceeds_rate, paired_change
+
 _EPS = 1e-7
+#: Significance level of both gate tests.
+ALPHA = 0.05
 
 
 def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -79,6 +97,10 @@ class ParityReport:
     size: dict = field(default_factory=dict)
     split_kind: str = ""  # from the manifest: "random" splits overstate accuracy
     leaky: bool = False
+    flips: int = 0
+    flip_rate_interval: tuple[float, float] = (0.0, 1.0)
+    flip_p_value: float = 1.0  # P(>= flips | tolerated rate): small = more flips than tolerated
+    accuracy_change: dict = field(default_factory=dict)  # paired: lost, gained, drop interval, McNemar p
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,9 +109,27 @@ class ParityReport:
         """The short form stored in bundle.json."""
         keys = (
             "mode", "n_images", "split_kind", "float_accuracy", "quant_accuracy", "delta_accuracy",
-            "agreement", "mean_kl", "passed",
+            "agreement", "flips", "flip_p_value", "mean_kl", "passed",
         )
         return {k: getattr(self, k) for k in keys}
+
+    def _decision_lines(self) -> list[str]:
+        lo, hi = self.flip_rate_interval
+        tolerated = 1.0 - self.min_agreement
+        change = self.accuracy_change or {}
+        lines = [
+            f"- flips: {self.flips} of {self.n_images} images changed their top-1 answer ({self.flips / max(self.n_images, 1):.1%}; "
+            f"exact 95 % interval {lo:.1%}-{hi:.1%}); tolerated rate {tolerated:.1%}; "
+            f"p = {self.flip_p_value:.3g} for this many flips at the tolerated rate"
+            + (" -> more flips than tolerated" if self.flip_p_value < ALPHA else
+               f" -> not shown to exceed it{'; at this n a flip rate up to ' + format(hi, '.1%') + ' cannot be ruled out' if hi > tolerated else ''}"),
+        ]
+        if change:
+            lines.append(
+                f"- accuracy: {change['lost']} image(s) right in float and wrong converted, {change['gained']} the other way; "
+                f"drop {change['drop'] * 100:+.2f} points (95 % interval {change['low'] * 100:+.1f} to {change['high'] * 100:+.1f}), "
+                f"McNemar p = {change['p_value']:.3g}")
+        return lines
 
     def to_markdown(self, title: str = "Parity report") -> str:
         verdict = "PASSED" if self.passed else "FAILED: " + "; ".join(self.reasons)
@@ -105,7 +145,10 @@ class ParityReport:
                  "the agreement figures are still meaningful.", ""]
                 if self.leaky else []
             ),
-            f"**Gate: {verdict}** (max drop {self.max_drop:g} points, min agreement {self.min_agreement:.3f})",
+            f"**Gate: {verdict}** (max drop {self.max_drop:g} points, min agreement {self.min_agreement:.3f}, "
+            f"decided by tests at the {ALPHA:g} level: see below)",
+            "",
+            *self._decision_lines(),
             "",
             "| metric | float | converted | difference |",
             "|---|---|---|---|",
@@ -170,12 +213,22 @@ def compare(
     kl = kl_divergence(float_probs, quant_probs)
     delta = (f_acc - q_acc) * 100.0
     agreement = float(np.mean(agree))
+    n = int(len(y_true))
+    flips = int(n - np.sum(agree))
+    # Rounded so that 1 - 0.99 = 0.010000000000000009 cannot turn "no tolerance" into a tiny one.
+    tolerated = round(1.0 - min_agreement, 12)
+    too_many_flips, flip_p = exceeds_rate(flips, n, tolerated, alpha=ALPHA)
+    change = paired_change(fp == y_true, qp == y_true)
+    change_dict = change.to_dict()
     reasons = []
-    # Compare in rounded form so 0.9900000001 vs 0.99 float noise cannot flip the verdict.
-    if round(delta, 6) > max_drop:
-        reasons.append(f"accuracy dropped {delta:.2f} points (more than --max-drop {max_drop:g})")
-    if round(agreement, 6) < min_agreement:
-        reasons.append(f"top-1 agreement {agreement:.4f} is below --min-agreement {min_agreement:g}")
+    if too_many_flips:
+        reasons.append(f"{flips} of {n} images changed their answer ({flips / n:.1%}): more than the tolerated "
+                       f"{tolerated:.1%} (--min-agreement {min_agreement:g}; p = {flip_p:.2g})")
+    # Rounded so float noise in 0.01000000001 points cannot flip the verdict.
+    if round(delta, 6) > max_drop and change.p_value < ALPHA:
+        reasons.append(f"accuracy dropped {delta:.2f} points (more than --max-drop {max_drop:g}; "
+                       f"95 % interval {change_dict['low'] * 100:.1f}-{change_dict['high'] * 100:.1f}, "
+                       f"McNemar p = {change.p_value:.2g})")
     # Top-1 flips first (they are what the gate counts), then the largest divergences.
     order = np.lexsort((-kl, agree))[:worst]
     worst_rows = [
@@ -210,6 +263,10 @@ def compare(
         passed=not reasons,
         reasons=reasons,
         worst=worst_rows,
+        flips=flips,
+        flip_rate_interval=clopper_pearson(flips, n),
+        flip_p_value=flip_p,
+        accuracy_change=change_dict,
     )
 
 

@@ -254,7 +254,8 @@ def _fit_trust(
         return np.array([manifest.label_index(e.label) for e in entries], dtype=np.int64)
 
     n_fit = min(options.ood_fit, len(manifest.subset("train")))
-    fit_entries = calibration.select_calibration(manifest, n_fit, run.config.seed + 1) if feats else []
+    fit_entries = (calibration.select_calibration(manifest, n_fit, run.config.seed + 1, purpose="abstention fit",
+                                                  minimum=1) if feats else [])
     val_entries = manifest.subset("val")
     if not val_entries:
         raise ConversionError("the manifest's val split is empty; the abstention threshold and temperature are chosen on it")

@@ -31,7 +31,10 @@ def calibration_lines(cal: dict, name: str) -> list[str]:
             "different capture blocks); the difference is "
             + ("within the test ECE's noise" if cal.get("ece_before_sd") and cal["ece_after"] - cal["ece_before"] < cal["ece_before_sd"] else "larger than the test ECE's noise")
         )
-    if "temperature_nll" in cal and cal["temperature"] == 1.0:
+    if cal.get("kept_at_1"):
+        lines.append(f"  - {cal['kept_at_1']}: a temperature is applied only when it improves calibration on "
+                     "validation, so the probabilities are left as they are")
+    elif "temperature_nll" in cal and cal["temperature"] == 1.0:
         lines.append("  - the bootstrap interval contains 1: validation does not show the model to be mis-calibrated, "
                      "so its probabilities are left as they are")
     if "ece_after_nll" in cal:
@@ -48,7 +51,8 @@ def calibration_section(trust_report: dict | None, quantize: str) -> list[str]:
         return []
     cal = trust_report["calibration"]
     how = ("the temperature is chosen on validation only (the end of its bootstrap interval closest to 1, "
-           "so confidence is rescaled only as far as validation is sure)" if "temperature_nll" in cal
+           "so confidence is rescaled only as far as validation is sure, and only when it lowers the "
+           "validation ECE)" if "temperature_nll" in cal
            else "the temperature is the training run's (convert --no-calibrate)")
     lines = ["", "## Calibration (this bundle: float vs converted)", "",
              f"Expected calibration error (ECE, {cal.get('n_bins', 15)} bins) on the {cal.get('n_test', '')} test images; "

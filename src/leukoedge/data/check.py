@@ -5,7 +5,9 @@ Every image is decoded through :func:`leukoedge.preprocess.open_image`, so
 and the device use. Reported: class counts, image sizes and modes,
 unreadable / truncated / zero-byte / non-image files, exact duplicates
 (SHA-256), near duplicates (perceptual hash) and duplicates that span classes
-(a label error or a leak waiting to happen).
+(a label error or a leak waiting to happen). Warned about: image size, mode,
+format or file-name pattern confounded with the class, and a root that looks
+like the parent of several datasets (:mod:`leukoedge.data.confounds`).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import numpy as np
 
 from ..errors import InvalidImageError
 from ..preprocess import open_image, to_rgb
+from .confounds import find_confounds, image_properties, looks_like_parent_of_datasets
 from .hashing import fingerprint, group_pairs, near_duplicate_pairs, sha256_file
 from .readers import IMAGE_SUFFIXES, read_dataset
 from .records import Record
@@ -95,6 +98,8 @@ class CheckReport:
     near_duplicates: list[list[str]] = field(default_factory=list)
     cross_class_duplicates: list[list[str]] = field(default_factory=list)
     duplicates_by_class: dict[str, int] = field(default_factory=dict)
+    confounds: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -114,6 +119,8 @@ class CheckReport:
             "duplicates_by_class": self.duplicates_by_class,
             "near_duplicates": self.near_duplicates,
             "cross_class_duplicates": self.cross_class_duplicates,
+            "confounds": self.confounds,
+            "warnings": self.warnings,
         }
 
     def to_text(self) -> str:
@@ -145,8 +152,16 @@ class CheckReport:
         lines.append(f"duplicates across classes: {len(self.cross_class_duplicates)}")
         for group in self.cross_class_duplicates[:10]:
             lines.append("  " + " / ".join(group))
+        lines.append(f"properties confounded with the class: {len(self.confounds)}")
+        for conf in self.confounds[:10]:
+            lines.append(f"  WARNING {conf['message']}")
+        for warning in self.warnings:
+            lines.append(f"WARNING {warning}")
         lines.append("")
         lines.append("OK" if self.ok else "PROBLEMS FOUND: fix or remove the files listed above")
+        if self.confounds:
+            lines.append("confounds are not errors, but split, audit and interpret with them in mind "
+                         "(e.g. resize or re-encode every class alike, or hold one source out as test)")
         return "\n".join(lines)
 
 
@@ -162,6 +177,9 @@ def check_dataset(root: str | Path, layout: str = "auto", *, progress: bool = Tr
     paths = lambda group: [facts[i].record.path for i in group]  # noqa: E731
     cross = [paths(g) for g in exact + near if len({facts[i].record.label for i in g}) > 1]
     dup_by_class = Counter(facts[g[0]].record.label for g in exact if len({facts[i].record.label for i in g}) == 1)
+    confounds = find_confounds(
+        (f.record.label, image_properties(layout, f.record.label, f.record.path, f.width, f.height, f.mode, f.format))
+        for f in good)
     return CheckReport(
         root=str(root),
         layout=layout,
@@ -174,6 +192,8 @@ def check_dataset(root: str | Path, layout: str = "auto", *, progress: bool = Tr
         near_duplicates=[paths(g) for g in near],
         cross_class_duplicates=cross,
         duplicates_by_class=dict(sorted(dup_by_class.items())),
+        confounds=confounds,
+        warnings=looks_like_parent_of_datasets(root, layout, classes),
     )
 
 

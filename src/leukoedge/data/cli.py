@@ -20,12 +20,17 @@ def register(subparsers) -> None:
     check.add_argument("--strict", action="store_true", help="exit non-zero when any file is unreadable")
     check.set_defaults(func=_check)
 
-    split = sub.add_parser("split", help="write a deterministic train/val/test manifest")
+    split = sub.add_parser("split", help="write a deterministic train/val/test manifest (or K folds)")
     split.add_argument("path", type=Path, help="dataset folder")
-    split.add_argument("--out", type=Path, required=True, metavar="MANIFEST", help="manifest JSON to write")
+    split.add_argument("--out", type=Path, required=True, metavar="MANIFEST",
+                       help="manifest JSON to write; with --folds K, a folder for fold-1.json .. fold-K.json "
+                            "and their index folds.json")
     split.add_argument("--layout", default="auto", help="force a layout (see `leukoedge data layouts`)")
     split.add_argument("--val", type=float, default=0.15, help="validation fraction (default 0.15)")
-    split.add_argument("--test", type=float, default=0.15, help="test fraction (default 0.15)")
+    split.add_argument("--test", type=float, help="test fraction (default 0.15; with --folds the test set is 1/K)")
+    split.add_argument("--folds", type=int, default=1, metavar="K",
+                       help="K folds that rotate the test set (capture-order blocks, or whole groups) so each "
+                            "image is tested exactly once; for small data (default 1: one split)")
     split.add_argument("--by", default="auto", choices=("auto", "group", "block", "random"),
                        help="auto: by patient when ids exist, else capture-order blocks; random is leaky")
     split.add_argument("--seed", type=int, default=0)
@@ -51,16 +56,37 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _split(args: argparse.Namespace) -> int:
-    from .split import format_counts, make_manifest
+    from .split import check_folds, format_counts, format_folds, make_folds, make_manifest, save_folds
 
-    manifest = make_manifest(args.path, layout=args.layout, by=args.by, val=args.val, test=args.test,
-                             seed=args.seed, progress=sys.stderr.isatty())
+    if check_folds(args.folds) > 1:
+        return _split_folds(args, make_folds, format_folds, save_folds)
+    manifest = make_manifest(args.path, layout=args.layout, by=args.by, val=args.val,
+                             test=0.15 if args.test is None else args.test, seed=args.seed,
+                             progress=sys.stderr.isatty())
     manifest.save(args.out)
     print(format_counts(manifest))
     excluded = manifest.params.get("unreadable_excluded") or []
     if excluded:
         print(f"left out {len(excluded)} unreadable file(s); run `leukoedge data check` to see why")
     print(f"wrote {args.out}")
+    return 0
+
+
+def _split_folds(args: argparse.Namespace, make_folds, format_folds, save_folds) -> int:
+    """``--folds K``: K manifests in the ``--out`` folder (see :func:`leukoedge.data.split.make_folds`)."""
+    from ..errors import UsageError
+
+    if args.test is not None:
+        raise UsageError(f"--test {args.test} contradicts --folds {args.folds}: each fold tests on 1/{args.folds} "
+                         "of the images", hint="drop --test, or drop --folds for one split")
+    manifests = make_folds(args.path, folds=args.folds, layout=args.layout, by=args.by, val=args.val,
+                           seed=args.seed, progress=sys.stderr.isatty())
+    index = save_folds(manifests, args.out)
+    print(format_folds(manifests))
+    excluded = manifests[0].params.get("unreadable_excluded") or []
+    if excluded:
+        print(f"left out {len(excluded)} unreadable file(s); run `leukoedge data check` to see why")
+    print(f"wrote {len(manifests)} fold manifests and {index}")
     return 0
 
 

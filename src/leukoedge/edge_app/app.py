@@ -21,12 +21,14 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from flask import Flask, request
+from werkzeug.exceptions import MethodNotAllowed
 
 from .. import RESEARCH_NOTICE, __version__
-from .camera import Camera, CameraStatus, FrameBroadcaster, open_camera
-from .config import AppConfig
+from .admission import MemoryAdmission
+from .camera import Camera, CameraHealth, CameraStatus, FrameBroadcaster, open_camera
+from .config import MAX_FORM_FIELD_BYTES, AppConfig
 from .handlers import init_error_handlers
-from .metrics import Metrics
+from .metrics import KNOWN_METHODS, Metrics
 from .security import init_security, load_secret_key
 from .service import ClassifyService
 from .storage import ResultStore
@@ -83,16 +85,20 @@ def create_app(config: AppConfig, *, classifier=None, camera: Camera | None = No
     elif camera_status is None:
         camera_status = CameraStatus(requested=config.camera, backend=camera.name, detail=getattr(camera, "detail", ""))
     metrics = Metrics()
-    broadcaster = (FrameBroadcaster(camera, fps=config.preview_fps, max_viewers=config.max_streams)
+    camera_health = CameraHealth()
+    broadcaster = (FrameBroadcaster(camera, fps=config.preview_fps, max_viewers=config.max_streams,
+                                    health=camera_health)
                    if camera is not None else None)
-    state = AppState(config=config, service=ClassifyService(classifier, store, metrics, camera),
+    service = ClassifyService(classifier, store, metrics, camera,
+                              admission=MemoryAdmission(config.decode_memory_bytes), camera_health=camera_health)
+    state = AppState(config=config, service=service,
                      camera_status=camera_status, metrics=metrics, broadcaster=broadcaster)
 
     app = Flask(__name__)
     app.config.update(
         SECRET_KEY=config.secret_key or load_secret_key(config.data_dir),
         MAX_CONTENT_LENGTH=config.max_upload_bytes,
-        MAX_FORM_MEMORY_SIZE=64 * 1024,  # text fields only; files are limited by MAX_CONTENT_LENGTH
+        MAX_FORM_MEMORY_SIZE=MAX_FORM_FIELD_BYTES,
         MAX_FORM_PARTS=config.max_files_per_upload + _EXTRA_FORM_PARTS,
         SESSION_COOKIE_NAME="leukoedge_session",
         SESSION_COOKIE_HTTPONLY=True,
@@ -101,9 +107,9 @@ def create_app(config: AppConfig, *, classifier=None, camera: Camera | None = No
     )
     app.json.sort_keys = False  # keep result fields in their documented order
     app.extensions["leukoedge"] = state
+    _init_request_metrics(app, metrics)  # first: unknown methods are refused before anything else runs
     init_security(app, config)
     init_error_handlers(app)
-    _init_request_metrics(app, metrics)
 
     for blueprint in (ui.bp, history.bp, media.bp, api.bp, ops.bp, auth.bp):
         app.register_blueprint(blueprint)
@@ -120,12 +126,20 @@ def create_app(config: AppConfig, *, classifier=None, camera: Camera | None = No
             "app_version": __version__,
             "camera_status": state.camera_status,
             "token_required": config.requires_token,
+            "exposed_without_token": config.insecure_no_token,
+            "loopback_only": config.loopback_only,
         }
 
     return app
 
 
 def _init_request_metrics(app: Flask, metrics: Metrics) -> None:
+    @app.before_request
+    def _known_method():
+        # Before auth: a made-up method gets 405 from every address, whatever the token mode.
+        if request.method not in KNOWN_METHODS:
+            raise MethodNotAllowed(valid_methods=sorted(KNOWN_METHODS))
+
     @app.after_request
     def _count(response):
         metrics.request(request.endpoint or "unmatched", request.method, response.status_code)

@@ -9,6 +9,8 @@ import argparse
 import os
 from pathlib import Path
 
+from .admission import DEFAULT_BUDGET_BYTES
+
 DEFAULT_DATA_DIR = Path.home() / "leukoedge-data"
 TOKEN_ENV = "LEUKOEDGE_TOKEN"
 
@@ -37,6 +39,12 @@ def register(subparsers) -> None:
     p.add_argument("--force-invalid-bundle", action="store_true",
                    help="serve a bundle whose parity gate failed (debugging only)")
     p.add_argument("--max-upload-mb", type=float, default=32.0, help="largest upload in MB (default: 32)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a DNS name browsers use to reach this station, besides its IP addresses and its own "
+                        "host name (repeatable; any other Host header is refused, which defeats DNS rebinding)")
+    p.add_argument("--decode-memory-mb", type=float, default=DEFAULT_BUDGET_BYTES / 2**20,
+                   help=f"memory shared by concurrent image decodes; larger uploads wait their turn "
+                        f"(default: {DEFAULT_BUDGET_BYTES // 2**20})")
     p.add_argument("--threads", type=int, default=8, help="server worker threads (default: 8)")
     p.add_argument("--edgetpu", choices=("auto", "on", "off"), default="auto",
                    help="use a Coral Edge TPU: auto (if present), on (required), off (default: auto)")
@@ -62,6 +70,8 @@ def config_from_args(args: argparse.Namespace):
         max_streams=max(1, min(4, args.threads - 2)),
         num_threads=args.num_threads,
         edgetpu=args.edgetpu,
+        allowed_hosts=tuple(args.allowed_host),
+        decode_memory_bytes=int(args.decode_memory_mb * 1024 * 1024),
     )
 
 

@@ -13,11 +13,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UsageError
+from .admission import DEFAULT_BUDGET_BYTES
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 #: Shortest token accepted: a guessable token is no protection on a lab network.
 MIN_TOKEN_LENGTH = 16
 _TOKEN_CHARS = re.compile(r"^[A-Za-z0-9._~+/=-]+$")
+#: Largest TEXT field of a form (csrf token, login token, next page). Werkzeug 3.1's multipart
+#: decoder also checks its own look-ahead buffer against this limit while it streams FILE parts
+#: (in 64 KiB reads), so it must stay well above that buffer: at 64 KiB, every upload over
+#: ~130 KB was refused with 413 (issue 13). File sizes are limited by ``max_upload_bytes``.
+MAX_FORM_FIELD_BYTES = 512 * 1024
+#: Host names always accepted besides loopback names and IP literals (mDNS name added at run time).
+_HOST_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?$")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 def is_loopback(host: str) -> bool:
@@ -53,6 +69,11 @@ class AppConfig:
         num_threads: interpreter threads (None: the runtime's default).
         edgetpu: ``auto``, ``on`` or ``off`` (passed to the runtime).
         secret_key: session-signing key; None: generated once and kept in data_dir.
+        allowed_hosts: extra names a browser may use in the ``Host`` header when the
+            app listens beyond loopback (``--allowed-host``; this machine's own names and
+            IP addresses are always accepted). Defeats DNS rebinding in every mode.
+        decode_memory_bytes: memory budget shared by concurrent image decodes
+            (``--decode-memory-mb``; see :mod:`leukoedge.edge_app.admission`).
     """
 
     bundle: Path
@@ -71,10 +92,20 @@ class AppConfig:
     num_threads: int | None = None
     edgetpu: str = "auto"
     secret_key: bytes | None = None
+    allowed_hosts: tuple[str, ...] = ()
+    decode_memory_bytes: int = DEFAULT_BUDGET_BYTES
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bundle", Path(self.bundle))
         object.__setattr__(self, "data_dir", Path(self.data_dir))
+        hosts = tuple(str(h).strip().lower().rstrip(".") for h in self.allowed_hosts)
+        for name in hosts:
+            if not _HOST_NAME.match(name) and not _is_ip(name):
+                raise UsageError(f"--allowed-host {name[:80]!r} is not a host name or IP address")
+        object.__setattr__(self, "allowed_hosts", hosts)
+        if self.decode_memory_bytes < 16 * 1024 * 1024:
+            raise UsageError(f"the decode memory budget ({self.decode_memory_bytes / 2**20:.0f} MB) is too small; "
+                             "give at least 16 MB")
         if not (0 < self.port < 65536):
             raise UsageError(f"port {self.port} is outside 1..65535")
         if self.token is not None:
@@ -115,3 +146,22 @@ class AppConfig:
     @property
     def loopback_only(self) -> bool:
         return is_loopback(self.host)
+
+    def host_allowed(self, hostname: str, machine_names: frozenset[str] = frozenset()) -> bool:
+        """May a request carry ``Host: hostname``? (the DNS-rebinding defence, in every mode)
+
+        Loopback-only: loopback names only. Listening on the network: also any IP
+        literal (a rebinding attack needs a DNS name), this machine's own names
+        (``machine_names``: hostname, ``hostname.local``, FQDN), the ``--host``
+        value and ``--allowed-host`` names. A page on another site never gets an
+        answer by pointing its own name at this station.
+        """
+        name = hostname.strip().lower().rstrip(".")
+        if not name:
+            return False
+        if is_loopback(name):
+            return True
+        if self.loopback_only:
+            return False
+        return (_is_ip(name) or name in machine_names or name == self.host.lower()
+                or name in self.allowed_hosts)

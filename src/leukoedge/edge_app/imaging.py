@@ -4,8 +4,14 @@ Pure functions of bytes / arrays (Pillow + numpy), testable without a server.
 Originals that arrive as JPEG or PNG are kept byte-for-byte, so re-classifying
 the stored file reproduces the stored result exactly; anything else (TIFF,
 BMP, 16-bit, ...) is stored as a lossless PNG of the decoded RGB pixels the
-model saw. Camera stills are stored as high-quality JPEG (a 12 MP PNG takes
-seconds to encode on a Pi).
+model worked from (a browser shows no TIFF), which are reduced to at least
+twice the model input (:func:`leukoedge.preprocess.decode_size`): the stored
+PNG re-classifies exactly, but is not the full-resolution file, so a lab keeps
+its own originals of such uploads. Camera stills are stored in full as
+high-quality JPEG (a 12 MP PNG takes seconds to encode on a Pi).
+
+Thumbnails and heatmap overlays are drawn from the same decoded pixels, so a
+12 MP upload is never decoded in full just to draw them.
 """
 from __future__ import annotations
 
@@ -14,7 +20,6 @@ import io
 import numpy as np
 from PIL import Image
 
-from ..preprocess import describe_image
 from ..runtime import overlay
 
 THUMBNAIL_SIDE = 256
@@ -37,14 +42,14 @@ def _png(rgb: np.ndarray) -> bytes:
     return out.getvalue()
 
 
-def stored_original(data: bytes | None, rgb: np.ndarray) -> tuple[bytes, str]:
+def stored_original(data: bytes | None, fmt: str | None, rgb: np.ndarray) -> tuple[bytes, str]:
     """(bytes, extension) to keep: the upload itself when JPEG/PNG, else PNG of ``rgb``.
 
-    ``data`` is None for camera stills, which become JPEG.
+    ``data`` is None for camera stills, which become JPEG; ``fmt`` is the
+    upload's format from its (already checked) header.
     """
     if data is None:
         return _jpeg(rgb, max_side=None, quality=CAMERA_JPEG_QUALITY), ".jpg"
-    fmt = describe_image(data)["format"]
     if fmt == "JPEG":
         return bytes(data), ".jpg"
     if fmt == "PNG":

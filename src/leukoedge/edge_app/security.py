@@ -10,9 +10,12 @@
   ``X-CSRF-Token``; any unsafe request whose ``Origin`` is not this site is
   refused (a page on another site cannot make a lab browser classify or
   delete). Bearer-token clients are not browsers and need neither.
-- **Host check**: when bound to loopback, a ``Host`` header that is not a
-  loopback name is refused, which defeats DNS-rebinding attacks on a
-  tokenless local app.
+- **Host check** (every mode, with or without a token): bound to loopback,
+  a ``Host`` header that is not a loopback name is refused; listening on the
+  network, only IP literals, this machine's own names and ``--allowed-host``
+  names are accepted. That defeats DNS rebinding: a page on another site that
+  points its own name at this station's address gets 403, not results
+  (:meth:`AppConfig.host_allowed`).
 - **Headers**: a strict Content-Security-Policy (no inline script or style,
   nothing from other origins: the app runs offline), nosniff, no framing,
   no referrer to other sites (the ``?token=`` URL never leaks).
@@ -23,13 +26,15 @@ import hashlib
 import hmac
 import os
 import secrets
+import socket
+from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit
 
 from flask import Flask, Response, current_app, g, redirect, request, session, url_for
 
 from ..errors import LeukoEdgeError
-from .config import AppConfig, is_loopback
+from .config import AppConfig
 
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 OPEN_ENDPOINTS = frozenset({"auth.login", "static"})
@@ -108,13 +113,30 @@ def _config() -> AppConfig:
     return current_app.extensions["leukoedge"].config
 
 
+@lru_cache(maxsize=1)
+def machine_names() -> frozenset[str]:
+    """This machine's own names, as a browser on the lab network may type them."""
+    names = set()
+    try:
+        host = socket.gethostname().strip().lower()
+        names.update({host, f"{host}.local", host.split(".")[0], f"{host.split('.')[0]}.local",
+                      socket.getfqdn().strip().lower()})
+    except OSError:
+        pass
+    return frozenset(n.rstrip(".") for n in names if n)
+
+
 def _check_host() -> None:
     config = _config()
-    if not config.loopback_only:
-        return
-    hostname = urlsplit("//" + request.host).hostname or ""
-    if not is_loopback(hostname):
-        raise ForbiddenError(f"unexpected Host header {request.host[:80]!r}: this app only answers on localhost")
+    try:
+        hostname = urlsplit("//" + request.host).hostname or ""
+    except ValueError:  # e.g. an unbalanced "[" in the Host header
+        hostname = ""
+    if not config.host_allowed(hostname, machine_names()):
+        where = "on localhost" if config.loopback_only else "by its IP address or its own names"
+        raise ForbiddenError(f"unexpected Host header {request.host[:80]!r}: this app only answers {where}",
+                             hint=None if config.loopback_only else
+                             "to reach it by another DNS name, restart it with --allowed-host NAME")
 
 
 def _check_auth() -> Response | None:

@@ -57,7 +57,9 @@ def warn_about_exposure(config: AppConfig) -> None:
 def serve(config: AppConfig) -> int:
     """Run until SIGTERM or Ctrl-C; returns 0 on a clean shutdown."""
     from .app import create_app
+    from .memory import configure_allocator
 
+    configure_allocator()  # before the first large decode: image buffers go back to the OS when freed
     app = create_app(config)
     state = app.extensions["leukoedge"]
     server = make_server(app, config)

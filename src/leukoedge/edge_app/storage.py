@@ -102,14 +102,25 @@ class StoredResult:
     original_ext: str
     has_heatmap: bool
 
+    @property
+    def given_label(self) -> str | None:
+        """The label a reader may act on: None when the model abstained ("not like the training images")."""
+        return None if self.abstained else self.label
+
     def to_dict(self) -> dict:
+        """JSON-ready: ``label`` is null for an abstained result; the model's top class is ``predicted``.
+
+        ``confidence`` is the probability of ``predicted``. A script that reads
+        ``label`` can never act on a class the model refused to give (issue 14).
+        """
         return {
             "id": self.id,
             "created_at": self.created_at,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created_at)),
             "source": self.source,
             "filename": self.filename,
-            "label": self.label,
+            "label": self.given_label,
+            "predicted": self.label,
             "confidence": self.confidence,
             "abstained": self.abstained,
             "ood_score": self.ood_score,
@@ -300,7 +311,8 @@ class ResultStore:
         return _decode(row)
 
     def page(self, *, label: str | None = None, limit: int = 50, offset: int = 0) -> list[StoredResult]:
-        """Newest first; ``label="abstained"`` selects the abstentions."""
+        """Newest first; ``label="abstained"`` selects the abstentions, any other label the results
+        GIVEN that label (abstentions whose top class it is are not)."""
         where, params = _label_filter(label)
         rows = self._connection().execute(
             f"SELECT * FROM results {where} ORDER BY created_at DESC, id LIMIT ? OFFSET ?",
@@ -360,7 +372,7 @@ def _label_filter(label: str | None) -> tuple[str, tuple]:
         return "", ()
     if label == "abstained":
         return "WHERE abstained = 1", ()
-    return "WHERE label = ?", (label,)
+    return "WHERE label = ? AND abstained = 0", (label,)
 
 
 def _decode(row: sqlite3.Row) -> StoredResult:
@@ -381,11 +393,12 @@ def csv_safe(value: object) -> object:
 
 def csv_rows(results: Iterable[StoredResult], classes: list[str]) -> Iterator[list]:
     """Header then one row per result, probability columns in ``classes`` order."""
-    yield ["id", "created", "source", "filename", "label", "confidence", "abstained", "ood_score",
+    yield ["id", "created", "source", "filename", "label", "predicted", "confidence", "abstained", "ood_score",
            "latency_ms", "model_name", "model_version", *[f"p_{c}" for c in classes]]
     for r in results:
         d = r.to_dict()
         yield [csv_safe(v) for v in (
-            r.id, d["created"], r.source, r.filename, r.label, f"{r.confidence:.6f}", int(r.abstained),
+            r.id, d["created"], r.source, r.filename, r.given_label or "", r.label, f"{r.confidence:.6f}",
+            int(r.abstained),
             "" if r.ood_score is None else f"{r.ood_score:.6f}", f"{r.latency_ms:.3f}",
             r.model_name, r.model_version, *[f"{r.probabilities.get(c, 0.0):.6f}" for c in classes])]

@@ -28,7 +28,8 @@ from PIL import Image
 from .. import __version__
 from ..bundle import Bundle, load_bundle
 from ..errors import BundleError, InvalidImageError, UsageError
-from ..preprocess import load_image, prepare, to_rgb
+from ..decode import open_pending
+from ..preprocess import decode_rgb, decode_size, load_image, prepare, to_rgb
 from . import adapters, heatmap as heatmaps, postprocess
 from .backend import DelegateChoice, LiteRT, find_litert, select_delegate
 
@@ -65,9 +66,13 @@ class Prediction:
     ood_score_name: str | None = None
 
     def to_dict(self, include_heatmap: bool = False) -> dict:
-        """JSON-ready dict (the heatmap, large, only on request)."""
+        """JSON-ready dict (the heatmap, large, only on request).
+
+        ``label`` is None when the model abstained; its top class is always ``predicted``.
+        """
         out = {
-            "label": self.label,
+            "label": None if self.abstained else self.label,
+            "predicted": self.label,
             "probabilities": dict(self.probabilities),
             "confidence": self.confidence,
             "abstained": self.abstained,
@@ -136,6 +141,7 @@ class Classifier:
         if self.bundle.abstention and self.bundle.abstention.get("score"):
             postprocess.abstain_side(self.bundle.abstention)  # unknown score or side: fail now, not per image
         self._scorer = self._load_scorer()
+        self._bundle_sha256 = self.bundle.sha256
         calibration = self.bundle.calibration
         self._temperature = float(calibration.get("temperature", 1.0))
         floor = calibration.get("log_prob_floor")
@@ -183,10 +189,11 @@ class Classifier:
             raise BundleError(f"{self.bundle.source}: the model's inputs {sorted(self._inputs)} are not [{name!r}]")
         details = self._inputs[name]
         dtype = np.dtype(details["dtype"]).name
-        if dtype != meta_in["dtype"] or list(details["shape"][1:]) != list(meta_in["shape"][1:]):
+        shape = [int(d) for d in details["shape"]]  # numpy ints would print as np.int32(1)
+        if dtype != meta_in["dtype"] or shape[1:] != [int(d) for d in meta_in["shape"][1:]]:
             raise BundleError(
-                f"{self.bundle.source}: the model's input is {dtype} {list(details['shape'])}, "
-                f"bundle.json says {meta_in['dtype']} {meta_in['shape']}"
+                f"{self.bundle.source}: the model's input is {dtype} {shape}, "
+                f"bundle.json says {meta_in['dtype']} {list(meta_in['shape'])}"
             )
         scale, zero = adapters.quant_params(details)
         promised = meta_in.get("quantization") or {}
@@ -201,6 +208,23 @@ class Classifier:
         return details
 
     # -- inference ----------------------------------------------------------
+    def decode(self, source) -> np.ndarray:
+        """uint8 RGB of a file or bytes at the least resolution this model needs (2x its input).
+
+        :meth:`classify` of the returned array gives exactly what :meth:`classify`
+        of ``source`` gives, so a caller that also wants the pixels (the app's
+        thumbnail and heatmap) decodes once.
+        """
+        return decode_rgb(source, self.bundle.spec)
+
+    def decode_plan(self, source):
+        """The checked header and memory estimate of decoding ``source`` for this model, nothing decoded.
+
+        A context manager (:class:`leukoedge.decode.PendingImage`); its ``decode()``
+        returns a Pillow image, :meth:`decode` the RGB array.
+        """
+        return open_pending(source, min_size=decode_size(self.bundle.spec))
+
     def to_pixels(self, source) -> np.ndarray:
         """Any accepted source -> model-sized uint8 RGB through the ONE preprocessing path."""
         spec = self.bundle.spec
@@ -293,6 +317,7 @@ class Classifier:
             "valid": self.bundle.valid,
             "invalid_reason": self.bundle.invalid_reason,
             "bundle": str(self.bundle.source),
+            "bundle_sha256": self._bundle_sha256,
         }
 
 

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from .. import stain
 from ..errors import UsageError
+from ..stats import Proportion, paired_change, verdict_on_drop
 from .cells import white_cell_mask
 
 # --- colour-only baseline --------------------------------------------------------------------
@@ -200,8 +201,16 @@ def heatmap_mass_on_cells(heatmap: np.ndarray, mask: np.ndarray) -> float:
 # --- statistics --------------------------------------------------------------------------------------
 
 
+def proportion_ci(flags: np.ndarray, level: float = 0.95) -> dict:
+    """Share of True in ``flags`` with its Wilson interval: never [100 %, 100 %] at n = 39 (issue 14)."""
+    f = np.asarray(flags, dtype=bool).ravel()
+    if f.size == 0:
+        raise UsageError("proportion_ci needs at least one value")
+    return {**Proportion(int(f.sum()), int(f.size), level).to_dict(), "n": int(f.size)}
+
+
 def bootstrap_ci(values: np.ndarray, n: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
-    """Mean of ``values`` (e.g. 0/1 correct flags) with a percentile-bootstrap interval."""
+    """Mean of continuous ``values`` with a percentile-bootstrap interval (0/1 flags: :func:`proportion_ci`)."""
     v = np.asarray(values, dtype=np.float64).ravel()
     if v.size == 0 or not np.all(np.isfinite(v)):
         raise UsageError("bootstrap_ci needs at least one finite value")
@@ -210,7 +219,8 @@ def bootstrap_ci(values: np.ndarray, n: int = 1000, seed: int = 0, level: float 
     rng = np.random.default_rng(seed)
     means = v[rng.integers(0, v.size, size=(n, v.size))].mean(axis=1)
     lo, hi = np.percentile(means, [50 * (1 - level), 50 * (1 + level)])
-    return {"value": float(v.mean()), "low": float(lo), "high": float(hi), "n": int(v.size), "level": level}
+    return {"value": float(v.mean()), "low": float(lo), "high": float(hi), "n": int(v.size), "level": level,
+            "method": f"bootstrap n={n} seed={seed}"}
 
 
 # --- perturbations ------------------------------------------------------------------------------------
@@ -275,12 +285,17 @@ def run_audit(
     n_boot: int = 1000,
     batch_size: int = 32,
 ) -> dict:
-    """Accuracy (with 95 % bootstrap intervals) of ``predict_fn`` under each perturbation.
+    """Accuracy (with 95 % Wilson intervals) of ``predict_fn`` under each perturbation.
 
     ``predict_fn`` gets uint8 batches (N, H, W, 3) and returns (N, K) probabilities.
     Per perturbation: accuracy, agreement with the clean predictions, predicted
     class counts and, when the classes are "Benign" plus >= 2 others, the
     benign-versus-malignant accuracy (any non-Benign class counts as malignant).
+    Every perturbation is also compared with clean on the same images
+    (``change_vs_clean``: exact McNemar, paired interval of the drop, and a
+    ``verdict`` of ``drop`` / ``no meaningful drop`` / ``inconclusive``), and the
+    scale-bar label corner with its control corner (``change_vs_control``), so a
+    reading never rests on whether two marginal intervals overlap.
     Raises UsageError on mismatched inputs or a predict_fn returning the wrong shape.
     """
     y = np.asarray(labels).astype(np.int64).ravel()
@@ -294,6 +309,7 @@ def run_audit(
     benign = _benign_index(class_names)
     results: dict = {}
     clean_pred = None
+    correct: dict[str, np.ndarray] = {}
     for pert in tqdm(perts, desc="audit", unit="perturbation"):
         imgs = np.stack([pert.fn(stain.check_rgb(im), rng) for im in images])
         probs = np.concatenate([np.asarray(predict_fn(imgs[i:i + batch_size])) for i in range(0, len(imgs), batch_size)])
@@ -301,16 +317,32 @@ def run_audit(
             raise UsageError(f"predict_fn returned shape {probs.shape}, expected {(y.size, k)}")
         pred = probs.argmax(axis=1)
         clean_pred = pred if pert.name == "clean" else clean_pred
+        correct[pert.name] = pred == y
         entry = {
             "description": pert.description,
-            "accuracy": bootstrap_ci(pred == y, n_boot, seed=0),
-            "agreement_with_clean": bootstrap_ci(pred == clean_pred, n_boot, seed=0),
+            "accuracy": proportion_ci(pred == y),
+            "agreement_with_clean": proportion_ci(pred == clean_pred),
             "predicted_counts": {c: int(np.sum(pred == i)) for i, c in enumerate(class_names)},
         }
+        if pert.name != "clean":
+            entry["change_vs_clean"] = _paired(correct["clean"], correct[pert.name])
         if benign is not None:
-            entry["benign_vs_malignant_accuracy"] = bootstrap_ci((pred == benign) == (y == benign), n_boot, seed=0)
+            entry["benign_vs_malignant_accuracy"] = proportion_ci((pred == benign) == (y == benign))
         results[pert.name] = entry
+    if "label_corner_covered" in correct and "control_corner_covered" in correct:
+        results["label_corner_covered"]["change_vs_control"] = _paired(correct["control_corner_covered"],
+                                                                       correct["label_corner_covered"])
     return {"classes": list(class_names), "n_images": int(y.size), "perturbations": results}
+
+
+#: A drop whose whole 95 % interval lies below this is "no meaningful drop".
+NEGLIGIBLE_DROP = 0.05
+
+
+def _paired(before: np.ndarray, after: np.ndarray) -> dict:
+    change = paired_change(before, after)
+    return {**change.to_dict(), "verdict": verdict_on_drop(change, negligible=NEGLIGIBLE_DROP),
+            "negligible": NEGLIGIBLE_DROP}
 
 
 def colour_baseline_report(
@@ -324,8 +356,8 @@ def colour_baseline_report(
     for kind in ("histogram", "mean_std"):
         model = ColourBaseline(kind=kind).fit(train_images, train_labels, n_classes=len(class_names))
         pred = model.predict_proba(test_images).argmax(axis=1)
-        out[kind] = {"accuracy": bootstrap_ci(pred == y, n_boot, seed=0)}
+        out[kind] = {"accuracy": proportion_ci(pred == y)}
         benign = _benign_index(class_names)
         if benign is not None:
-            out[kind]["benign_vs_malignant_accuracy"] = bootstrap_ci((pred == benign) == (y == benign), n_boot, seed=0)
+            out[kind]["benign_vs_malignant_accuracy"] = proportion_ci((pred == benign) == (y == benign))
     return out

@@ -332,6 +332,21 @@ def _worse(p: dict, clean: dict) -> bool:
     return p["high"] < clean["low"]
 
 
+def _verdict(entry: dict, key: str, clean: dict) -> str:
+    """``drop`` / ``no meaningful drop`` / ``inconclusive`` from the paired test; older audits: marginal intervals."""
+    change = entry.get(key)
+    if change and "verdict" in change:
+        return change["verdict"]
+    return "drop" if _worse(entry["accuracy"], clean) else "no meaningful drop"
+
+
+def _paired_figures(change: dict | None) -> str:
+    if not change:
+        return "intervals apart"
+    return (f"{change['lost']} images lost, {change['gained']} gained; paired test p = {change['p_value']:.2g}, "
+            f"drop {100 * change['low']:.1f} to {100 * change['high']:.1f} points at 95 %")
+
+
 def _label_reading(perts: dict, clean: dict, colour_step: str = "as-captured") -> list[str]:
     """Label corner against the control corner: does the model read the burnt-in scale-bar label?"""
     if "label_corner_covered" not in perts or "control_corner_covered" not in perts:
@@ -339,12 +354,21 @@ def _label_reading(perts: dict, clean: dict, colour_step: str = "as-captured") -
     label, control = perts["label_corner_covered"]["accuracy"], perts["control_corner_covered"]["accuracy"]
     figures = (f"covering the bottom-right corner (scale-bar label) gives {_pct(label['value'])}, the same area "
                f"bottom-left {_pct(control['value'])} (clean {_pct(clean['value'])})")
-    if label["high"] < control["low"]:
+    change = perts["label_corner_covered"].get("change_vs_control")
+    verdict = change["verdict"] if change and "verdict" in change else (
+        "drop" if label["high"] < control["low"] else "no meaningful drop")
+    if verdict == "inconclusive" and change["drop"] >= change.get("negligible", 0.05):
+        return [f"Use of the scale-bar label is inconclusive at n = {change['n']}: {figures}; "
+                f"{_paired_figures(change)}."]
+    if verdict == "inconclusive":
+        return [f"No detectable use of the scale-bar label: {figures}; at n = {change['n']} a cost of up to "
+                f"{100 * change['high']:.1f} points cannot be ruled out."]
+    if verdict == "drop":
         how = (f" The run's per-image colour step ({colour_step}) estimates its statistics from every pixel, the "
                "label's included, so covering the label also changes how the whole field is normalised."
                if colour_step in ("reinhard", "macenko") else "")
-        return [f"Reads the scale-bar label: {figures}; the label corner costs more than the control, "
-                f"intervals apart.{how}"]
+        return [f"Reads the scale-bar label: {figures}; the label corner costs more than the control "
+                f"({_paired_figures(change)}).{how}"]
     return [f"No detectable use of the scale-bar label: {figures}."]
 
 
@@ -373,15 +397,28 @@ def readings(audit: dict) -> list[str]:
         if name not in perts:
             continue
         p = perts[name]["accuracy"]
-        if _worse(p, clean):
+        change = perts[name].get("change_vs_clean")
+        verdict = _verdict(perts[name], "change_vs_clean", clean)
+        if verdict == "drop":
             how = "depends heavily on" if a - p["value"] >= 0.2 else "is sensitive to"
             shift = ("; a flat background never occurs in training, so part of this drop is plain distribution "
                      "shift" if name.startswith("background") else "")
             out.append(f"Under {name} accuracy falls from {_pct(a)} to {_pct(p['value'])} "
-                       f"({100 * (a - p['value']):.1f} points, intervals apart): the model {how} {what}{shift}.")
-        else:
+                       f"({100 * (a - p['value']):.1f} points; {_paired_figures(change)}): the model {how} "
+                       f"{what}{shift}.")
+        elif verdict == "no meaningful drop":
+            bound = f" (the drop is below {100 * change['high']:.1f} points at 95 %)" if change else ""
             out.append(f"Under {name} accuracy is {_pct(p['value'])} (clean {_pct(a)}): removing {what} "
-                       "causes no significant drop.")
+                       f"causes no meaningful drop{bound}.")
+        elif change["drop"] >= change.get("negligible", 0.05):
+            out.append(f"Under {name} accuracy is {_pct(p['value'])} (clean {_pct(a)}): inconclusive at "
+                       f"n = {change['n']} -- a {100 * change['drop']:.1f}-point drop that {change['n']} images "
+                       f"cannot tell from chance ({_paired_figures(change)}); more test images are needed to say "
+                       f"whether the model relies on {what}.")
+        else:
+            out.append(f"Under {name} accuracy is {_pct(p['value'])} (clean {_pct(a)}): no detectable drop from "
+                       f"removing {what}, but at n = {change['n']} a drop of up to {100 * change['high']:.1f} "
+                       "points cannot be ruled out.")
     out += _label_reading(perts, clean, audit.get("colour_step", "as-captured"))
     if audit.get("colour_step") == "grayscale" and "grayscale" in perts:
         out.append("This run already feeds grayscale to the model, so the grayscale row equals clean by construction.")

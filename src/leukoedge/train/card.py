@@ -109,6 +109,25 @@ def _cell_ops(aug: dict) -> str:
     return "; " + ", ".join(ops) if ops else ""
 
 
+def kept_epoch_text(t: dict) -> str:
+    """", kept epoch E (best val_xxx = ...)" for the epoch line: which epoch ``model.keras`` is, and why.
+
+    Runs older than ``--select`` were kept on val_loss and carry ``best_val_loss`` only.
+    """
+    epoch = t.get("best_epoch")
+    if epoch is None:
+        return ""
+    select = t.get("select") or "val_loss"
+    kept = dict(t.get("kept") or {})
+    kept.setdefault("val_loss", t.get("best_val_loss"))
+    value = kept.get(select)
+    text = f", kept epoch {epoch} (best {select} = " + ("n/a" if value is None else f"{value:.4f}")
+    other = "val_loss" if select == "val_accuracy" else "val_accuracy"
+    if kept.get(other) is not None:
+        text += f"; its {other} {kept[other]:.4f}"
+    return text + (")" + (", stopped early" if t.get("stopped_early") else ""))
+
+
 def render_markdown(card: dict) -> str:
     data = card["data"]
     lines = [f"# Model card: {card['model']}", "", f"> **{card['notice']}**", ""]
@@ -135,7 +154,8 @@ def render_markdown(card: dict) -> str:
     t = card["training"]
     lines += ["", "## Training", "",
               f"- input {card['input']['size']}x{card['input']['size']} RGB, raw 0..255 pixels (rescaled inside the model)",
-              f"- epochs {t.get('epochs_run', t['epochs'])} of max {t['epochs']}, batch {t['batch_size']}, "
+              f"- epochs {t.get('epochs_run', t['epochs'])} of max {t['epochs']}{kept_epoch_text(t)}, "
+              f"batch {t['batch_size']}, "
               f"learning rate {t['learning_rate']}, seed {t['seed']}",
               f"- augmentation: {t['augmentation'].get('recipe', 'custom')} "
               f"({'on' if t['augmentation'].get('enabled') else 'off'}){_cell_ops(t['augmentation'])}",
@@ -186,7 +206,7 @@ def _audit_markdown(a: dict | None) -> list[str]:
         lines += ["> **This audit was run on a different model.keras; rerun `leukoedge eval RUN_DIR --audit`.**", ""]
     leaky = " (LEAKY split)" if a["leaky"] else ""
     lines += [f"Split `{a['split']}` ({a['split_kind']}{leaky}, {a['n_images']} images), colour step "
-              f"`{a['colour_step']}`; 95 % bootstrap intervals in brackets. Every perturbation keeps the cells' "
+              f"`{a['colour_step']}`; 95 % intervals in brackets (Wilson for accuracies, bootstrap for the heatmap), and every drop is tested on the same images (exact McNemar). Every perturbation keeps the cells' "
               "shape: a model that reads morphology should hardly move.", ""]
     lines += ["**Reading:**", ""] + [f"- {r}" for r in a["readings"]] + [""]
     has_bvm = any("benign_vs_malignant_accuracy" in p for p in a["perturbations"].values())
@@ -211,4 +231,98 @@ def _audit_markdown(a: dict | None) -> list[str]:
     if plots:
         lines.append("")
         lines += [f"![{name}]({path})" for name, path in plots.items()]
+    return lines
+
+
+# --- cross-validation card (``leukoedge train --folds K``, see :mod:`.folds`) ----------------------------
+
+CV_READING = ("The spread between folds is what one held-out split of this data could have reported: on a few "
+              "hundred images, which block or group is held out moves accuracy by more than most modelling "
+              "choices. Quote the mean +/- sd (or the pooled figure with the fold range), not one fold.")
+CV_DEPLOY = ("These figures describe the recipe (model, options, data), not one network. Each `fold-k/` is a "
+             "complete run with its own card that `leukoedge convert` accepts; its own test figure is one fold's.")
+
+
+def build_cv_card(cv: dict, config: RunConfig | None) -> dict:
+    """The CV run's card as a JSON-ready dict: ``cv.json`` plus what was trained (fold 1's config)."""
+    options = cv.get("options", {})
+    return {
+        "model": options.get("model") or (config.model if config else None),
+        "leukoedge_version": __version__,
+        "notice": RESEARCH_NOTICE,
+        "intended_use": INTENDED_USE,
+        "classes": cv["classes"],
+        "training": None if config is None else {
+            "input_size": config.input_size, "epochs": config.epochs, "batch_size": config.batch_size,
+            "learning_rate": config.learning_rate, "seed": config.seed,
+            "augmentation": config.augmentation.get("recipe"), "colour": config.colour,
+            "select": config.extra.get("select", "val_loss"), "patience": config.extra.get("patience"),
+            "loss": config.extra.get("loss")},
+        "cross_validation": cv,
+        "limitations": LIMITATIONS,
+    }
+
+
+def render_cv_markdown(card: dict) -> str:
+    cv = card["cross_validation"]
+    lines = [f"# Model card: {card['model']}, {cv['k']}-fold cross-validation", "", f"> **{card['notice']}**", ""]
+    if not cv["complete"]:
+        lines += [f"> **Incomplete: {cv['folds_done']} of {cv['k']} folds finished. Continue with "
+                  "`leukoedge train --resume --model M --out RUN`.**", ""]
+    collapsed = [f"fold {f['fold']}: {', '.join(f['collapsed_classes'])}" for f in cv["folds"] if f["collapsed_classes"]]
+    if collapsed:
+        lines += [f"> **WARNING: COLLAPSE (recall 0) in {'; '.join(collapsed)}.**", ""]
+    lines += ["## Intended use", "", card["intended_use"], ""]
+    t = card.get("training")
+    if t:
+        lines += ["## Training (every fold)", "",
+                  f"- input {t['input_size']}x{t['input_size']} RGB, colour step `{t['colour']}`; max {t['epochs']} "
+                  f"epochs, batch {t['batch_size']}, learning rate {t['learning_rate']}, seed {t['seed']}, "
+                  f"augmentation {t['augmentation']}",
+                  f"- checkpoint kept by `{t['select']}` (early-stopping patience {t['patience']} epochs)",
+                  f"- loss: {t['loss']}", ""]
+    lines += cv_markdown(cv)
+    lines += ["", "## Limitations", ""] + [f"- {x}" for x in card["limitations"]]
+    lines += ["", f"_Generated by leukoedge {card['leukoedge_version']}._", ""]
+    return "\n".join(lines)
+
+
+def cv_markdown(cv: dict) -> list[str]:
+    """The "Cross-validation" section: per-fold table, mean +/- sd, pooled accuracy and confusion matrix."""
+    kind = f"**{cv.get('split_kind')} (LEAKY: image-level random folds, accuracy is overstated)**" \
+        if cv.get("leaky") else cv.get("split_kind")
+    lines = ["## Cross-validation", "",
+             f"- {cv['k']} folds over `{cv.get('root')}` ({cv.get('n_images')} images), split kind {kind}: each "
+             f"image is in exactly one fold's test set; duplicate clusters and groups never straddle a fold",
+             f"- validation per fold: {cv.get('val_from') or 'n/a'}; never overlaps the fold's test set",
+             f"- shortcut audit: {cv.get('audit', 'n/a')}",
+             f"- time: {cv.get('wall_seconds', 0):.0f} s wall, {cv.get('train_seconds', 0):.0f} s in training epochs",
+             "",
+             "| fold | train / val / test images | test accuracy (95 % CI) | macro-F1 | kept epoch (criterion value) "
+             "| epochs run |", "|---|---|---|---|---|---|"]
+    for f in cv["folds"]:
+        iv = f.get("accuracy_interval") or {}
+        ci = f" [{_pct(iv.get('low'))}, {_pct(iv.get('high'))}]" if iv.get("low") is not None else ""
+        value = (f.get("kept") or {}).get(f.get("select"))
+        kept = f"{f['kept_epoch']} ({f['select']} {value:.4f})" if value is not None else f"{f['kept_epoch']}"
+        early = ", stopped early" if f.get("stopped_early") else ""
+        lines.append(f"| {f['fold']} | {f['n_train']} / {f['n_val']} / {f['n_test']} | {_pct(f['accuracy'])}{ci} "
+                     f"| {f['macro_f1']:.4f} | {kept} | {f['epochs_run']}{early} |")
+    pooled = cv["pooled"]
+    sd = "n/a" if cv["accuracy_sd"] is None else f"{100 * cv['accuracy_sd']:.1f}"
+    f1_sd = "n/a" if cv["macro_f1_sd"] is None else f"{cv['macro_f1_sd']:.4f}"
+    piv = pooled.get("accuracy_interval") or {}
+    lines += ["",
+              f"- **accuracy over folds: {100 * cv['accuracy_mean']:.1f} +/- {sd} %** (mean +/- {cv['sd']}); "
+              f"range {_pct(min(f['accuracy'] for f in cv['folds']))} to {_pct(max(f['accuracy'] for f in cv['folds']))}",
+              f"- macro-F1 over folds: {cv['macro_f1_mean']:.4f} +/- {f1_sd}",
+              f"- pooled over all {pooled['n']} held-out images: accuracy {_pct(pooled['accuracy'])}"
+              + (f" (95 % CI {_pct(piv['low'])} to {_pct(piv['high'])}, Wilson score with images taken as "
+                 "independent: narrower than the fold spread, as it ignores that the fold models differ)" if piv else "")
+              + f", macro-F1 {pooled['macro_f1']:.4f}",
+              "", "Pooled confusion matrix (rows: true class, columns: predicted):", "",
+              "| true \\ predicted | " + " | ".join(cv["classes"]) + " |", "|---|" + "---|" * len(cv["classes"])]
+    for c, row in zip(cv["classes"], pooled["confusion_matrix"]):
+        lines.append(f"| {c} | " + " | ".join(str(v) for v in row) + " |")
+    lines += ["", CV_READING, "", CV_DEPLOY]
     return lines

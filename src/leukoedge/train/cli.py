@@ -1,5 +1,9 @@
 """``leukoedge train``: train a registry model into a run directory; ``--list-models`` lists them.
 
+``--folds K`` trains K runs that rotate the test set (``RUN/fold-k/``) and
+summarises them in ``RUN/cv.json`` and ``RUN/model_card.md`` (:mod:`.folds`);
+``--folds 1`` or no ``--folds`` is one run.
+
 TensorFlow is imported inside the handler only, so ``leukoedge --help`` stays instant.
 """
 from __future__ import annotations
@@ -20,8 +24,13 @@ def register(subparsers) -> None:
                     "(metrics, plots, abstention threshold, model card in RUN_DIR).")
     p.add_argument("--list-models", action="store_true", help="list registered models (input, params, MACs) and exit")
     p.add_argument("--data", metavar="PATH", help="dataset root (overrides the manifest's root)")
-    p.add_argument("--manifest", metavar="M", help="split manifest JSON (from `leukoedge data split`); "
-                                                   "without it the data is split now (auto kind) and saved in RUN_DIR")
+    p.add_argument("--manifest", metavar="M", help="split manifest JSON (from `leukoedge data split`), or a folds "
+                                                   "index DIR/folds.json (from `data split --folds K`); without it "
+                                                   "the data is split now (auto kind) and saved in RUN_DIR")
+    p.add_argument("--folds", type=int, metavar="K",
+                   help="cross-validate: K folds that rotate the held-out capture block (or group), each trained "
+                        "and evaluated in RUN_DIR/fold-k/, summarised in RUN_DIR/cv.json and model_card.md; use it "
+                        "on small data (a few hundred images). 1 or absent: one split")
     p.add_argument("--model", metavar="NAME", help="registry name (see --list-models)")
     p.add_argument("--out", metavar="RUN_DIR", help="run directory to create")
     p.add_argument("--epochs", type=int, help="maximum epochs (default: the model's recommended value)")
@@ -41,7 +50,11 @@ def register(subparsers) -> None:
                         "and WEIGHT x the Jensen-Shannon divergence of the two predictions is added (0 = off, "
                         "default; try 10 with --augment robust; doubles the images per step)")
     p.add_argument("--patience", type=int, default=8, help="early-stopping patience in epochs (default 8)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from last.keras")
+    p.add_argument("--select", metavar="val_loss|val_accuracy",
+                   help="which epoch model.keras keeps (and early stopping watches): lowest val_loss, or highest "
+                        "val_accuracy with ties broken by lower val_loss (default: val_loss; see the README)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from last.keras (a "
+                   "cross-validation run skips its finished folds)")
     p.add_argument("--distribute", choices=("auto", "mirrored", "none"), default="auto",
                    help="auto: MirroredStrategy with >1 GPU, mixed precision with any GPU (default)")
     p.add_argument("--ood", metavar="DIR", action="append", default=[],
@@ -61,14 +74,30 @@ def run(args: argparse.Namespace) -> int:
                          hint="leukoedge train --data DIR --model NAME --out RUN_DIR (or --list-models)")
     if args.no_augment and args.augment and args.augment != "none":
         raise UsageError(f"--no-augment contradicts --augment {args.augment}")
+    from ..data.split import check_folds
+    from .rundir import RunDir
+
+    if args.folds is not None:
+        check_folds(args.folds)
+    cv_run = args.resume and RunDir(args.out).is_cv
+    folds = None
+    if args.resume:
+        manifest = None
+        if args.folds is not None and args.folds > 1 and not cv_run:
+            raise UsageError(f"--folds {args.folds} --resume: {args.out} is not a cross-validation run",
+                             hint="drop --folds to resume a single run")
+    else:
+        manifest, folds = _manifest(args)
     from .trainer import TrainOptions, train
 
-    manifest = None if args.resume else _manifest(args)
     opts = TrainOptions(
         out=Path(args.out), model=args.model, manifest=manifest, data_root=args.data, epochs=args.epochs,
         batch_size=args.batch, learning_rate=args.lr, input_size=args.input_size, seed=args.seed,
         augment="none" if args.no_augment else args.augment, colour=args.colour, resume=args.resume, patience=args.patience,
-        distribute=args.distribute, ood_dirs=tuple(args.ood), consistency=args.consistency, audit=not args.no_audit)
+        distribute=args.distribute, ood_dirs=tuple(args.ood), consistency=args.consistency, audit=not args.no_audit,
+        select=args.select)
+    if cv_run or folds:
+        return _cross_validate(opts, folds, args.folds)
     result = train(opts)
     metrics = result["metrics"] or {}
     for split in ("val", "test"):
@@ -82,15 +111,55 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _manifest(args):
-    """--manifest if given, else a split made now by the data layer (auto kind)."""
+    """``(manifest, folds)``: --manifest (one split, or a folds index), else a split made now (auto kind).
+
+    ``folds`` is None for a single run; for cross-validation it is the fold
+    manifests and ``manifest`` the first of them.
+    """
     from ..data.records import Manifest
+    from ..data.split import is_folds_index, load_folds, make_folds, make_manifest
 
+    k = args.folds or 1
+    if args.manifest and is_folds_index(args.manifest):
+        folds = load_folds(args.manifest)
+        if args.folds is not None and args.folds != len(folds):
+            raise UsageError(f"--folds {args.folds} contradicts {args.manifest}, which holds {len(folds)} folds",
+                             hint="drop --folds (the index decides), or split again with `data split --folds K`")
+        return folds[0], folds
     if args.manifest:
-        return Manifest.load(args.manifest)
-    from ..data.split import make_manifest
+        if k > 1:
+            raise UsageError(f"--folds {k} needs fold manifests, and {args.manifest} is one split",
+                             hint="pass --data DIR --folds K (split now), or --manifest DIR/folds.json from "
+                                  "`leukoedge data split PATH --folds K --out DIR`")
+        return Manifest.load(args.manifest), None
+    log = logging.getLogger(__name__)
+    if k > 1:
+        log.info("no --manifest: cutting %s into %d folds now (auto kind: group, else block)", args.data, k)
+        folds = make_folds(args.data, folds=k, by="auto", seed=args.seed, progress=sys.stderr.isatty())
+        return folds[0], folds
+    log.info("no --manifest: splitting %s now (auto kind: group, else block)", args.data)
+    return make_manifest(args.data, by="auto", seed=args.seed), None
 
-    logging.getLogger(__name__).info("no --manifest: splitting %s now (auto kind: group, else block)", args.data)
-    return make_manifest(args.data, by="auto", seed=args.seed)
+
+def _cross_validate(opts, folds, k: int | None) -> int:
+    from .folds import train_folds
+    from .rundir import RunDir, read_json
+
+    if opts.resume and k is not None:
+        saved = read_json(RunDir(opts.out).cv_config_path).get("folds")
+        if k != saved:
+            raise UsageError(f"--folds {k} contradicts the run in {opts.out}, which has {saved} folds",
+                             hint="drop --folds to resume it")
+    result = train_folds(opts, folds)
+    cv = result["cv"]
+    for f in cv["folds"]:
+        print(f"fold {f['fold']}: test accuracy {f['accuracy']:.4f}  macro-F1 {f['macro_f1']:.4f}  "
+              f"kept epoch {f['kept_epoch']} of {f['epochs_run']} ({f['n_test']} test images)")
+    sd = "n/a" if cv["accuracy_sd"] is None else f"{cv['accuracy_sd']:.4f}"
+    print(f"cross-validation ({cv['k']} folds, {cv['split_kind']}): accuracy {cv['accuracy_mean']:.4f} +/- {sd} "
+          f"(mean +/- sd), pooled {cv['pooled']['accuracy']:.4f} over {cv['pooled']['n']} images")
+    print(f"run directory: {result['run_dir']} (cv.json, model_card.md, fold-1 .. fold-{cv['k']})")
+    return 0
 
 
 def print_model_table(stream) -> None:

@@ -117,7 +117,8 @@ def write_card(run_dir: str | Path, results: dict[str, dict], ood: dict | None =
     config, manifest = rd.config(), rd.manifest()
     ood = ood if ood is not None else rd.read(rd.ood_path)
     history = rd.read(rd.history_path)
-    training = {k: history[k] for k in ("epochs_run", "best_epoch", "stopped_early", "train_seconds", "devices")
+    training = {k: history[k] for k in ("epochs_run", "best_epoch", "select", "kept", "best_val_loss",
+                                        "stopped_early", "train_seconds", "devices")
                 if history and k in history}
     card = jsonable(build_card(config, manifest, results, ood, training, audit=load_audit(rd.path)))
     write_json(rd.model_card_json, card)

@@ -20,6 +20,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..stats import wilson
+
 
 def confusion_matrix(y: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
     """Rows: true class; columns: predicted class."""
@@ -138,6 +140,11 @@ def bootstrap_ci(stat: Callable[[np.ndarray, np.ndarray], float], y: np.ndarray,
     return float(np.quantile(values, alpha)), float(np.quantile(values, 1.0 - alpha))
 
 
+def _wilson_dict(k: int, n: int) -> dict:
+    lo, hi = wilson(k, n)
+    return {"low": lo, "high": hi, "level": 0.95, "method": "wilson", "k": k, "n": n}
+
+
 def collapsed_classes(recall: Sequence[float], support: Sequence[int], classes: Sequence[str]) -> list[str]:
     """Classes present in the data that the model never gets right (recall 0)."""
     return [c for c, r, s in zip(classes, recall, support) if s > 0 and r == 0.0]
@@ -145,7 +152,12 @@ def collapsed_classes(recall: Sequence[float], support: Sequence[int], classes: 
 
 def summarize(y: np.ndarray, probs: np.ndarray, classes: Sequence[str], *, n_resamples: int = 1000,
               seed: int = 0) -> dict:
-    """Every metric the reports need, with bootstrap 95 % intervals (JSON-ready)."""
+    """Every metric the reports need, with 95 % intervals (JSON-ready).
+
+    Accuracy and per-class recall are proportions: Wilson score intervals, which
+    never collapse to [100 %, 100 %] on a small test split (issue 14). F1 and
+    ECE are not proportions: percentile bootstrap over images.
+    """
     y = np.asarray(y, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
     k = len(classes)
@@ -155,7 +167,6 @@ def summarize(y: np.ndarray, probs: np.ndarray, classes: Sequence[str], *, n_res
     aucs = one_vs_rest_auc(y, probs)
     bins = reliability_bins(y, probs)
     stats = {
-        "accuracy": lambda yy, pp: accuracy(yy, pp.argmax(1)),
         "macro_f1": lambda yy, pp: macro_f1(yy, pp.argmax(1), k),
         "weighted_f1": lambda yy, pp: weighted_f1(yy, pp.argmax(1), k),
         "ece": lambda yy, pp: expected_calibration_error(yy, pp),
@@ -171,10 +182,12 @@ def summarize(y: np.ndarray, probs: np.ndarray, classes: Sequence[str], *, n_res
         "weighted_f1": weighted_f1(y, pred, k),
         "ece": expected_calibration_error(y, probs),
         "macro_auc": float(finite.mean()) if len(finite) else float("nan"),
-        "intervals": {name: {"low": lo, "high": hi, "level": 0.95, "method": f"bootstrap n={n_resamples} seed={seed}"}
-                      for name, (lo, hi) in intervals.items()},
+        "intervals": {"accuracy": _wilson_dict(int(np.sum(pred == y)), len(y)),
+                      **{name: {"low": lo, "high": hi, "level": 0.95, "method": f"bootstrap n={n_resamples} seed={seed}"}
+                         for name, (lo, hi) in intervals.items()}},
         "per_class": {
             c: {"precision": float(prf["precision"][i]), "recall": float(prf["recall"][i]),
+                "recall_interval": _wilson_dict(int(cm[i, i]), int(prf["support"][i])),
                 "f1": float(prf["f1"][i]), "support": int(prf["support"][i]), "roc_auc": float(aucs[i])}
             for i, c in enumerate(classes)
         },

@@ -11,15 +11,25 @@ Layout::
       config.json        RunConfig: model name, input size, classes, seed, hyper-parameters,
                          augmentation recipe, data root, leukoedge/TF versions
       manifest.json      the split manifest used (a copy, so the run survives the original moving)
-      model.keras        best checkpoint (by validation loss)
+      model.keras        kept checkpoint (by the run's --select criterion; history.json says which epoch)
       last.keras         last epoch (for --resume)
       state.json         resume state: last completed epoch, best metric, early-stopping counter
-      history.json       per-epoch metrics
+      history.json       per-epoch metrics; select, kept_epoch and the kept epoch's val figures
       metrics.json       evaluation (leukoedge eval), per split: metrics_<split>.json
       ood.json           out-of-distribution score name and threshold chosen on validation
       calibration.json   temperature fitted on validation (issue 7), optional
       model_card.md / model_card.json
       plots/             training_curves.png, confusion_matrix.png, roc.png, reliability.png
+
+A cross-validation run (``leukoedge train --folds K``, :mod:`.folds`) is a
+directory of K ordinary run directories plus what ties them together::
+
+    RUN_DIR/
+      cv_config.json     the options every fold trains with (so --resume needs only RUN_DIR)
+      folds/             fold-1.json .. fold-K.json + folds.json (as `leukoedge data split --folds` writes)
+      fold-1/ .. fold-K/ one run directory per fold, as above (convert or eval any of them)
+      cv.json            per-fold test metrics, mean and sd over folds, pooled confusion matrix
+      model_card.md / model_card.json   the cross-validation card
 """
 from __future__ import annotations
 
@@ -86,6 +96,18 @@ class RunDir:
     model_card_md = property(lambda self: self.path / "model_card.md")
     model_card_json = property(lambda self: self.path / "model_card.json")
     plots_dir = property(lambda self: self.path / "plots")
+    cv_path = property(lambda self: self.path / "cv.json")
+    cv_config_path = property(lambda self: self.path / "cv_config.json")
+    folds_dir = property(lambda self: self.path / "folds")
+
+    def fold_dir(self, k: int) -> Path:
+        """Run directory of fold ``k`` (1-based, as the fold manifests are numbered)."""
+        return self.path / f"fold-{k}"
+
+    @property
+    def is_cv(self) -> bool:
+        """A cross-validation run: its folds are the run directories."""
+        return self.cv_config_path.exists()
 
     def metrics_path(self, split: str = "test") -> Path:
         return self.path / ("metrics.json" if split == "test" else f"metrics_{split}.json")
@@ -93,6 +115,9 @@ class RunDir:
     # -- readers -----------------------------------------------------------
     def require(self, *paths: Path) -> None:
         missing = [p.name for p in paths if not p.exists()]
+        if missing and self.is_cv:
+            raise RunError(f"{self.path} is a cross-validation run: each fold is a run directory",
+                           hint=f"use {self.fold_dir(1)} (or another fold); cv.json and model_card.md summarise them")
         if missing:
             raise RunError(
                 f"{self.path} is not a complete run directory: missing {', '.join(missing)}",

@@ -9,8 +9,17 @@ arrays -> tf.data -> model -> fit -> history -> evaluation. Choices:
 - Imbalance: inverse-frequency class weights (recorded in ``config.json``).
 - Schedule: cosine decay per epoch from the peak learning rate to 1 % of it,
   computed from the epoch number alone so a resumed run continues the same
-  curve. Early stopping on validation loss (patience in epochs), whose
-  counter lives in ``state.json`` so it survives ``--resume``.
+  curve. Early stopping (patience in epochs) on the selection criterion,
+  whose counter lives in ``state.json`` so it survives ``--resume``.
+- Checkpoint selection (``--select``): ``val_loss`` keeps the epoch with the
+  lowest validation loss; ``val_accuracy`` the highest validation accuracy,
+  ties broken by the lower validation loss (on 40 validation images accuracy
+  moves in steps of 2.5 % and ties are common). The kept epoch and its
+  figures are logged and go to ``history.json`` (``kept_epoch``, ``kept``)
+  and the model card, because "epochs 9 of max 40" alone hides that the
+  model is epoch 1. On small data validation loss can rise from the first
+  epoch while validation accuracy still improves (over-confident errors
+  dominate the loss), so the loss alone may keep an under-trained epoch.
 - "Precise" BatchNorm statistics (Wu & Johnson 2021): moving mean/variance
   start at 0/1 and, with momentum 0.99, keep ``0.99**steps`` of that start
   and lag the weights by ~100 steps. A net whose true activation variance is
@@ -21,7 +30,7 @@ arrays -> tf.data -> model -> fit -> history -> evaluation. Choices:
   moving statistics to the measured ones (:class:`BatchNormCalibrator`):
   validation, checkpoints and the converted model all use statistics of the
   current weights.
-- Checkpoints: best by validation loss -> ``model.keras``; every epoch ->
+- Checkpoints: best by the selection criterion -> ``model.keras``; every epoch ->
   ``last.keras`` (with optimizer state) + ``state.json``; both written
   atomically (temp + rename).
 - Devices: ``MirroredStrategy`` over all GPUs when there are several, mixed
@@ -62,6 +71,11 @@ from .rundir import RunConfig, RunDir, read_json, write_json
 
 log = logging.getLogger(__name__)
 DISTRIBUTE = ("auto", "mirrored", "none")
+#: Checkpoint selection criteria (``--select``); see the module docstring.
+SELECT_CHOICES = ("val_loss", "val_accuracy")
+#: Measured (issue 14, DEVELOPERS.md): 5-fold CV of leuko-small on 260 Taleqani images gave the same test
+#: accuracy under both criteria; val_accuracy on 40 val images mostly ties at 100 % and falls back to the loss.
+DEFAULT_SELECT = "val_loss"
 
 
 @dataclass(frozen=True)
@@ -79,7 +93,9 @@ class TrainOptions:
         colour: the preprocessing colour step (see ``leukoedge.preprocess.COLOUR_STEPS``); it
             travels in the run config and the bundle, so the device applies it too.
         resume: continue from ``last.keras`` + ``state.json``.
-        patience: early-stopping patience in epochs.
+        patience: early-stopping patience in epochs (counted on the ``select`` criterion).
+        select: checkpoint selection, one of :data:`SELECT_CHOICES`; None = :data:`DEFAULT_SELECT`
+            for a new run and the run's own criterion on resume.
         distribute: ``auto`` | ``mirrored`` | ``none`` (see module docstring).
         evaluate: run ``evaluate_run`` on val + test at the end.
         ood_dirs: OOD folders for the final evaluation's AUROC.
@@ -108,8 +124,12 @@ class TrainOptions:
     ood_dirs: tuple = field(default_factory=tuple)
     audit: bool = True
     consistency: float | None = None
+    select: str | None = None
 
     def __post_init__(self) -> None:
+        if self.select is not None and self.select not in SELECT_CHOICES:
+            raise UsageError(f"--select must be one of {', '.join(SELECT_CHOICES)}, got {self.select!r}",
+                             hint=f"the default, {DEFAULT_SELECT}, was chosen on small data (see the README)")
         if self.consistency is not None:
             check_weight(self.consistency)
         for name in ("epochs", "batch_size", "input_size"):
@@ -149,6 +169,7 @@ def resolve_config(opts: TrainOptions) -> RunConfig:
         data_root=str(Path(opts.data_root).resolve()) if opts.data_root else manifest.root,
         colour=PreprocessSpec.square(8, opts.colour or "as-captured").colour,
         extra={"optimizer": entry.train.optimizer, "patience": opts.patience, "schedule": "cosine per epoch to 1 %",
+               "select": opts.select or DEFAULT_SELECT,
                "loss": "sparse categorical cross-entropy, class-weighted" + (
                    f" + {weight:g} x Jensen-Shannon colour consistency" if weight else ""),
                "consistency": describe(weight) if weight else None, "distribute": opts.distribute,
@@ -165,6 +186,8 @@ def _check_resume(opts: TrainOptions, config: RunConfig) -> None:
                if v is not None and v != getattr(config, k)]
     if opts.consistency is not None and opts.consistency != consistency_weight(config):
         clashes.append(f"consistency={opts.consistency:g} (run has {consistency_weight(config):g})")
+    if opts.select is not None and opts.select != selection(config):
+        clashes.append(f"select={opts.select} (run has {selection(config)})")
     if clashes:
         raise UsageError(f"--resume with options that differ from the run: {', '.join(clashes)}",
                          hint="drop those options, or start a new run with another --out")
@@ -207,12 +230,40 @@ def _open_run(opts: TrainOptions, rd: RunDir) -> tuple[RunConfig, Manifest, dict
                              hint="pass --resume to continue it, or choose another --out")
         manifest = opts.manifest if opts.data_root is None else opts.manifest.with_root(opts.data_root)
         config = resolve_config(opts)
-        state = {"epoch": -1, "best_val_loss": None, "best_epoch": None, "wait": 0, "history": {},
-                 "train_seconds": 0.0}
+        state = {"epoch": -1, "best_val_loss": None, "best_val_accuracy": None, "best_epoch": None, "wait": 0,
+                 "history": {}, "train_seconds": 0.0}
     if state.get("finished"):
         raise UsageError(f"{rd.path} already finished training ({state['epoch'] + 1} epochs)",
                          hint="evaluate it with `leukoedge eval`, or start a new run")
     return config, manifest, state
+
+
+def selection(config: RunConfig) -> str:
+    """The run's checkpoint criterion (``val_loss`` for runs made before ``--select`` existed)."""
+    return str(config.extra.get("select") or "val_loss")
+
+
+def is_better(select: str, val_loss: float, val_accuracy: float, best_loss: float | None,
+              best_accuracy: float | None) -> bool:
+    """Does this epoch beat the kept one under ``select``? (A pure rule, so tests check it without training.)
+
+    ``val_loss``: lower by more than 1e-7. ``val_accuracy``: higher, or equal
+    (within 1e-9: accuracies are counts over the same images) with a lower
+    loss. Non-finite figures never win.
+    """
+    if not math.isfinite(val_loss):
+        return False
+    if select == "val_loss":
+        return best_loss is None or val_loss < best_loss - 1e-7
+    if select != "val_accuracy":
+        raise UsageError(f"unknown checkpoint criterion {select!r}; use one of {', '.join(SELECT_CHOICES)}")
+    if not math.isfinite(val_accuracy):
+        return False
+    if best_accuracy is None or best_loss is None:
+        return True
+    if val_accuracy > best_accuracy + 1e-9:
+        return True
+    return abs(val_accuracy - best_accuracy) <= 1e-9 and val_loss < best_loss - 1e-7
 
 
 def consistency_weight(config: RunConfig) -> float:
@@ -378,11 +429,18 @@ class PreciseBatchNorm(keras.callbacks.Callback):
 
 
 class RunCheckpoint(keras.callbacks.Callback):
-    """Best/last checkpoints, state.json, history and early stopping."""
+    """Best/last checkpoints, state.json, history and early stopping.
+
+    ``state["best_epoch"]`` (0-based) is the kept epoch under the run's
+    criterion; ``best_val_loss`` / ``best_val_accuracy`` are that epoch's
+    figures (so under ``val_accuracy`` the loss is the kept epoch's, not the
+    lowest seen).
+    """
 
     def __init__(self, rd: RunDir, state: dict, patience: int, config: RunConfig) -> None:
         super().__init__()
         self.rd, self.state, self.patience, self.config = rd, dict(state), patience, config
+        self.select = selection(config)
         self._t0 = None
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -399,22 +457,27 @@ class RunCheckpoint(keras.callbacks.Callback):
         history.setdefault("epoch_seconds", []).append(round(seconds, 2))
         self.state["train_seconds"] = float(self.state.get("train_seconds", 0.0)) + seconds
         val_loss = float(logs.get("val_loss", float("nan")))
-        best = self.state.get("best_val_loss")
-        if math.isfinite(val_loss) and (best is None or val_loss < best - 1e-7):
-            self.state.update(best_val_loss=val_loss, best_epoch=epoch, wait=0)
+        val_acc = float(logs.get("val_accuracy", float("nan")))
+        improved = is_better(self.select, val_loss, val_acc, self.state.get("best_val_loss"),
+                             self.state.get("best_val_accuracy"))
+        if improved:
+            self.state.update(best_val_loss=val_loss, best_val_accuracy=val_acc if math.isfinite(val_acc) else None,
+                              best_epoch=epoch, wait=0)
             _save_model(self.model, self.rd.model_path)
         else:
             self.state["wait"] = int(self.state.get("wait", 0)) + 1
         self.state["epoch"] = epoch
         _save_model(self.model, self.rd.last_model_path)
+        log.info("epoch %d/%d: loss %.4f acc %.4f val_loss %.4f val_acc %.4f lr %.2e%s", epoch + 1, self.config.epochs,
+                 logs.get("loss", float("nan")), logs.get("accuracy", float("nan")), val_loss, val_acc, lr,
+                 f"  [best {self.select} so far: kept]" if improved else "")
         if self.state["wait"] >= self.patience:
             self.state["stopped_early"] = True
             self.model.stop_training = True
-            log.info("early stopping after epoch %d: no val_loss improvement for %d epochs", epoch + 1, self.patience)
+            kept = self.state.get("best_epoch")
+            log.info("early stopping after epoch %d: no %s improvement for %d epochs; keeping epoch %s", epoch + 1,
+                     self.select, self.patience, "none" if kept is None else int(kept) + 1)
         write_json(self.rd.state_path, self.state)
-        log.info("epoch %d/%d: loss %.4f acc %.4f val_loss %.4f val_acc %.4f lr %.2e", epoch + 1, self.config.epochs,
-                 logs.get("loss", float("nan")), logs.get("accuracy", float("nan")), val_loss,
-                 logs.get("val_accuracy", float("nan")), lr)
 
     def finish(self, devices: str) -> None:
         """Mark the run finished and write history.json (+ the training-curves plot)."""
@@ -423,16 +486,23 @@ class RunCheckpoint(keras.callbacks.Callback):
                                hint="lower --lr; check the images and labels")
         self.state["finished"] = True
         write_json(self.rd.state_path, self.state)
+        kept = None if self.state.get("best_epoch") is None else int(self.state["best_epoch"]) + 1
         history = {
             "history": self.state.get("history", {}),
             "epochs_run": int(self.state["epoch"]) + 1,
-            "best_epoch": None if self.state.get("best_epoch") is None else int(self.state["best_epoch"]) + 1,
+            "select": self.select,
+            "kept_epoch": kept,
+            "kept": {"val_loss": self.state.get("best_val_loss"), "val_accuracy": self.state.get("best_val_accuracy")},
+            "best_epoch": kept,
             "best_val_loss": self.state.get("best_val_loss"),
             "stopped_early": bool(self.state.get("stopped_early", False)),
             "train_seconds": round(float(self.state.get("train_seconds", 0.0)), 2),
             "devices": devices,
         }
         write_json(self.rd.history_path, history)
+        figures = ", ".join(f"{k} {v:.4f}" for k, v in history["kept"].items() if v is not None)
+        log.info("kept epoch %s of %d (best %s; %s): model.keras is that epoch", kept, history["epochs_run"],
+                 self.select, figures)
         from .plots import training_curves
 
         training_curves(history["history"], self.rd.plots_dir / "training_curves.png")

@@ -12,10 +12,10 @@ import logging
 from pathlib import Path
 
 from ...errors import CameraError, UsageError
-from .base import Camera, CameraStatus, encode_jpeg
+from .base import Camera, CameraHealth, CameraStatus, encode_jpeg
 from .stream import FrameBroadcaster
 
-__all__ = ["Camera", "CameraStatus", "FrameBroadcaster", "encode_jpeg", "open_camera", "parse_camera_spec"]
+__all__ = ["Camera", "CameraHealth", "CameraStatus", "FrameBroadcaster", "encode_jpeg", "open_camera", "parse_camera_spec"]
 
 log = logging.getLogger(__name__)
 AUTO_ORDER = ("picamera2", "opencv")

@@ -9,6 +9,8 @@ and capture requests share one camera, created once per process.
 from __future__ import annotations
 
 import io
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -74,6 +76,52 @@ class CameraStatus:
             "fallback_reason": self.reason,
             "attempts": [{"backend": n, "reason": r} for n, r in self.attempts],
         }
+
+
+class CameraHealth:
+    """The camera's CURRENT state, updated by every capture and preview frame (thread-safe).
+
+    :class:`CameraStatus` says what was opened at start-up; this says whether it
+    works now. A failure sets ``state = "failing"`` with its message; the next
+    success clears it (the message stays as ``last_error`` with its time), so
+    health never reports a recovered camera as broken, nor a broken one as fine.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state = "idle"  # no capture or preview frame yet
+        self._error: str | None = None
+        self._last_error: str | None = None
+        self._last_error_at: float | None = None
+        self._last_ok_at: float | None = None
+        self._failures = 0
+
+    def ok(self) -> None:
+        with self._lock:
+            self._state, self._error, self._failures = "ok", None, 0
+            self._last_ok_at = time.time()
+
+    def failed(self, message: str) -> None:
+        with self._lock:
+            self._state, self._error = "failing", message
+            self._last_error, self._last_error_at = message, time.time()
+            self._failures += 1
+
+    @property
+    def failing(self) -> bool:
+        with self._lock:
+            return self._state == "failing"
+
+    def to_dict(self) -> dict:
+        with self._lock:
+            return {
+                "state": self._state,
+                "error": self._error,
+                "consecutive_failures": self._failures,
+                "last_ok_at": self._last_ok_at,
+                "last_error": self._last_error,
+                "last_error_at": self._last_error_at,
+            }
 
 
 def encode_jpeg(rgb: np.ndarray, *, max_side: int | None = PREVIEW_MAX_SIDE, quality: int = 75) -> bytes:

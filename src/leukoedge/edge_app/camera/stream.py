@@ -16,7 +16,7 @@ import time
 from typing import Iterator
 
 from ...errors import CameraError
-from .base import Camera
+from .base import Camera, CameraHealth
 
 log = logging.getLogger(__name__)
 BOUNDARY = "frame"
@@ -25,8 +25,9 @@ BOUNDARY = "frame"
 class FrameBroadcaster:
     """Latest preview frame + a condition that wakes every viewer when it changes."""
 
-    def __init__(self, camera: Camera, *, fps: float, max_viewers: int) -> None:
+    def __init__(self, camera: Camera, *, fps: float, max_viewers: int, health: CameraHealth | None = None) -> None:
         self._camera = camera
+        self._health = health or CameraHealth()
         self._interval = 1.0 / fps
         self._max_viewers = max_viewers
         self._cond = threading.Condition()
@@ -93,9 +94,11 @@ class FrameBroadcaster:
                 if err.message != self.last_error:
                     log.warning("live preview: %s", err.message)
                 self.last_error = err.message
+                self._health.failed(err.message)
                 time.sleep(1.0)
                 continue
             self.last_error = ""
+            self._health.ok()
             with self._cond:
                 self._frame = jpeg
                 self._seq += 1

@@ -18,8 +18,8 @@ MAX_PAGE = 500
 
 @bp.post("/classify")
 def classify():
-    (name, data), = read_uploads(request.files, "image", limit=1)
-    result = state().service.classify_upload(data, name)
+    (name, stream), = read_uploads(request.files, "image", limit=1)
+    result = state().service.classify_upload(stream, name)
     return jsonify(result_json(result)), 201
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from typing import BinaryIO
 
 from flask import current_app, request, url_for
 from werkzeug.datastructures import FileStorage
@@ -23,8 +24,12 @@ def display_name(upload: FileStorage) -> str:
     return _UNSAFE_NAME_CHARS.sub("", name)[:200] or "upload"
 
 
-def read_uploads(files, field: str, *, limit: int) -> list[tuple[str, bytes]]:
-    """``[(name, bytes)]`` from a multipart field, or UsageError saying what arrived instead."""
+def read_uploads(files, field: str, *, limit: int) -> list[tuple[str, BinaryIO]]:
+    """``[(name, stream)]`` from a multipart field, or UsageError saying what arrived instead.
+
+    The streams are Werkzeug's spooled files (on disk above 500 KB); the service
+    reads them only once it has a decode slot, so queued requests hold no image bytes.
+    """
     uploads = [f for f in files.getlist(field) if f is not None and (f.filename or f.content_length)]
     if not uploads:
         others = sorted(k for k in files.keys() if k != field)
@@ -33,7 +38,7 @@ def read_uploads(files, field: str, *, limit: int) -> list[tuple[str, bytes]]:
                          hint=f"send the image as multipart/form-data field {field!r}")
     if len(uploads) > limit:
         raise UsageError(f"{len(uploads)} files is more than the {limit} allowed in one upload")
-    return [(display_name(f), f.read()) for f in uploads]
+    return [(display_name(f), f.stream) for f in uploads]
 
 
 def result_json(result: StoredResult) -> dict:

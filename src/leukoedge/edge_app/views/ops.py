@@ -15,11 +15,14 @@ bp = Blueprint("ops", __name__)
 def health():
     st = state()
     camera = st.camera_status.to_dict()
-    if st.broadcaster is not None:
-        camera["viewers"] = st.broadcaster.viewers
-        camera["last_error"] = st.broadcaster.last_error
+    live = st.service.camera_health.to_dict()
+    # "available" is the camera's state now: opened at start-up AND not failing on its last use.
+    camera["opened"] = camera["available"]
+    camera["available"] = camera["opened"] and live["state"] != "failing"
+    camera.update(live)
+    camera["viewers"] = st.broadcaster.viewers if st.broadcaster is not None else 0
     return jsonify({
-        "status": "ok",
+        "status": "ok" if camera["available"] or not camera["opened"] else "degraded",
         "version": __version__,
         "uptime_s": round(time.time() - st.started, 1),
         "model": st.service.model_info,
@@ -35,8 +38,9 @@ def metrics():
     st = state()
     gauges = {
         "leukoedge_results_stored": ("Results in the database.", float(st.store.count())),
-        "leukoedge_camera_available": ("1 when a camera is in use, 0 in upload mode.",
-                                       1.0 if st.camera_status.available else 0.0),
+        "leukoedge_camera_available": ("1 when a camera is in use and its last capture or frame worked.",
+                                       1.0 if st.camera_status.available and not st.service.camera_health.failing
+                                       else 0.0),
         "leukoedge_preview_viewers": ("Open live-preview streams.",
                                       float(st.broadcaster.viewers if st.broadcaster else 0)),
         "leukoedge_uptime_seconds": ("Seconds since the app started.", time.time() - st.started),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flask import Blueprint, redirect, render_template, request, url_for
 
-from ...errors import InvalidImageError
+from ...errors import LeukoEdgeError
 from ...runtime.postprocess import abstain_side
 from .common import read_uploads, state
 
@@ -33,16 +33,20 @@ def upload_form():
 def upload():
     """Classify each file; report per-file failures beside the successes.
 
-    When no file could be classified, the (first) error goes to the error
-    handler like any other, so the page shows one clear message.
+    Every file gets an answer: a stored result, or the typed reason it was
+    refused (any :class:`LeukoEdgeError`: a damaged image, one too large to
+    decode, a full disk), so a bad file in the middle of a batch never hides
+    what happened to the others. When no file could be classified, the
+    (first) error goes to the error handler like any other, so the page shows
+    one clear message.
     """
     st = state()
     files = read_uploads(request.files, "images", limit=st.config.max_files_per_upload)
     results, failures = [], []
-    for name, data in files:
+    for name, stream in files:
         try:
-            results.append(st.service.classify_upload(data, name))
-        except InvalidImageError as err:
+            results.append(st.service.classify_upload(stream, name))
+        except LeukoEdgeError as err:
             failures.append((name, err))
     if not results:
         first = failures[0][1]
@@ -53,7 +57,7 @@ def upload():
                            failures=[(n, _reason(e)) for n, e in failures])
 
 
-def _reason(err: InvalidImageError) -> str:
+def _reason(err: LeukoEdgeError) -> str:
     """Why a file failed, without preprocess's generic "uploaded image:" prefix (the file name is shown)."""
     return err.message.removeprefix("uploaded image: ")
 
