@@ -79,3 +79,65 @@ def test_audit_intervals_never_collapse_at_100_percent():
 
     ci = proportion_ci(np.ones(39, bool))
     assert ci["value"] == 1.0 and ci["low"] < 0.92 and ci["high"] == 1.0 and ci["method"] == "wilson"
+
+
+def _manifest(layout: str, classes=("blast", "normal")):
+    from leukoedge.data.records import Manifest, ManifestEntry
+
+    entries = tuple(ManifestEntry(path=f"{c}/{i}.tif", label=c, order=i, split=s)
+                    for c in classes for i, s in enumerate(["train"] * 6 + ["val"] * 2 + ["test"] * 2))
+    return Manifest(root="/data/lab", layout=layout, classes=tuple(classes), split_kind="block", seed=0,
+                    entries=entries, params={})
+
+
+def test_the_card_speaks_of_the_runs_own_data_not_taleqani():
+    from leukoedge.train.card import intended_use, limitations
+
+    lab = " ".join([intended_use(("blast", "normal")), *limitations(_manifest("class-folders"))])
+    assert "blast, normal" in lab and "Taleqani" not in lab and "scale-bar" not in lab
+    taleqani = " ".join(limitations(_manifest("taleqani", ("Benign", "Early", "Pre", "Pro"))))
+    assert "Taleqani" in taleqani and "scale-bar label" in taleqani
+
+
+def test_label_corner_checks_only_on_data_with_a_burnt_in_label():
+    from leukoedge.train.audit_run import default_perturbations
+
+    assert "label_corner_covered" in default_perturbations("taleqani")
+    lab = default_perturbations("class-folders")
+    assert "label_corner_covered" not in lab and "control_corner_covered" not in lab and "grayscale" in lab
+
+
+def test_no_benign_vs_malignant_column_when_the_labels_do_not_say_which_is_benign():
+    from leukoedge.train.audit import proportion_ci
+    from leukoedge.train.card import _audit_markdown
+
+    flags = np.array([1, 1, 0, 1], bool)
+    audit = {"stale": False, "leaky": False, "split": "test", "split_kind": "block", "n_images": 4,
+             "colour_step": "as-captured", "readings": ["x"],
+             "perturbations": {"clean": {"description": "as is", "accuracy": proportion_ci(flags),
+                                         "agreement_with_clean": proportion_ci(np.ones(4, bool))}},
+             "colour_baseline": {"histogram": {"accuracy": proportion_ci(flags)}}, "heatmap": {}}
+    md = "\n".join(_audit_markdown(audit))
+    assert "benign vs malignant" not in md and "n/a" not in md.split("Colour-only")[0]
+    assert "| perturbation | accuracy | agreement with clean |" in md
+
+
+def test_the_bundle_card_has_one_abstention_section_the_devices(tmp_path_factory, tmp_path):
+    """The bundle's card had two abstention sections that disagreed (max_softmax 25.6 %, Mahalanobis 0.0 %)."""
+    import json
+
+    from bundle_factory import shared_tiny_bundle
+    from leukoedge.convert.writer import write_model_card
+
+    meta = json.loads((shared_tiny_bundle(tmp_path_factory) / "bundle.json").read_text())
+    run_md = ("# Model card: lab-net\n\n## Out-of-distribution abstention\n\n- score `max_softmax`; abstain below 0.9870\n"
+              "- abstains on 25.60 % of the test split\n\n## Shortcut audit\n\nfigures\n")
+    run_card = {"model": "lab-net", "ood": {"score": "max_softmax", "threshold": 0.987, "test_abstain_rate": 0.256}}
+    write_model_card(tmp_path, run_md, run_card, meta)
+    card = (tmp_path / "model_card.md").read_text()
+    assert card.count("## Out-of-distribution abstention") == 1 and "25.60 %" not in card
+    section = card.split("## Out-of-distribution abstention")[1].split("\n## ")[0]
+    assert f"score `{meta['abstention']['score']}`" in section and "abstain below" not in section
+    assert "## Shortcut audit" in card
+    as_json = json.loads((tmp_path / "model_card.json").read_text())
+    assert "ood" not in as_json and as_json["training_run_ood"]["used_on_device"] is False

@@ -104,7 +104,9 @@ def test_training_beats_chance_and_fills_the_run_dir(toy, tmp_path, record_prope
     # The shortcut audit ran by default: its file, its plots and its card section are there.
     audit = read_json(rd.path / "audit.json")
     assert audit["split"] == "test" and audit["clean_accuracy"]["value"] == pytest.approx(test["accuracy"])
-    assert "**Reading:**" in card and "label_corner_covered" in card
+    assert "**Reading:**" in card and "grayscale" in card
+    # Written from this run's data (issue 14): no Taleqani text, no scale-bar check on images without a label.
+    assert "Taleqani" not in card and "label_corner_covered" not in card and "scale-bar" not in card
     assert (rd.plots_dir / "audit_perturbations.png").exists()
 
 

@@ -156,6 +156,10 @@ def write_model_card(
     }
     card = dict(run_card or {"model": meta["model"]["name"], "labels": meta["labels"]})
     card["on_device"] = conversion
+    device_rule = (meta.get("abstention") or {}).get("score")
+    if device_rule and card.get("ood"):
+        # One abstention section, the one the device uses: the run's rule is kept for reference only (issue 14).
+        card["training_run_ood"] = {**card.pop("ood"), "used_on_device": False}
     if trust_report:
         # Under on_device (next to the converted model's "calibration"), so a run card's own keys are never replaced.
         conversion["calibration_float"] = trust_report.get("calibration_float")
@@ -163,6 +167,10 @@ def write_model_card(
     card.setdefault("notice", RESEARCH_NOTICE)
     write_json(staging / "model_card.json", card)
     head = run_card_md.rstrip() if run_card_md else f"# Model card: {meta['model']['name']}\n\n{RESEARCH_NOTICE}"
+    if device_rule:
+        head = replace_section(head, "## Out-of-distribution abstention", [
+            f"This bundle abstains by its own rule, measured on the converted model: score `{device_rule}` "
+            "(see \"On-device model\" below). The training run's threshold is not used on the device."])
     parity = meta["parity"] or {}
     size = meta["size"]
     section = [
@@ -184,6 +192,17 @@ def write_model_card(
         "",
     ]
     atomic_write_text(staging / "model_card.md", head + "\n".join(section))
+
+
+def replace_section(markdown: str, title: str, body: list[str]) -> str:
+    """``markdown`` with the section headed ``title`` (up to the next ``## ``) replaced by ``body`` lines."""
+    lines = markdown.split("\n")
+    try:
+        start = lines.index(title)
+    except ValueError:
+        return markdown
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return "\n".join(lines[:start] + [title, "", *body, ""] + lines[end:])
 
 
 def _without_scorer_arrays(abstention: dict | None) -> dict | None:

@@ -193,6 +193,17 @@ def heatmap_report(cams: np.ndarray, masks: np.ndarray, n_boot: int) -> dict:
 # --- the run -------------------------------------------------------------------------------------------
 
 
+#: Perturbations that test a trait of one dataset only: Taleqani's burnt-in scale-bar label (bottom right).
+LABEL_CORNER_CHECKS = ("label_corner_covered", "control_corner_covered")
+
+
+def default_perturbations(layout: str) -> list[str]:
+    """Every perturbation, minus the scale-bar label checks on data that have no such label (issue 14)."""
+    from .card import TALEQANI_LAYOUTS
+
+    return [n for n in A.PERTURBATIONS if layout in TALEQANI_LAYOUTS or n not in LABEL_CORNER_CHECKS]
+
+
 def audit_run(run_dir: str | Path, split: str = "test", *, n_boot: int = 1000,
               perturbations: Sequence[str] | None = None, panel: bool = True,
               cache: ImageCache | None = None, model=None, batch_size: int = 64) -> dict:
@@ -201,12 +212,12 @@ def audit_run(run_dir: str | Path, split: str = "test", *, n_boot: int = 1000,
         raise UsageError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     if n_boot < 100:
         raise UsageError("the audit needs at least 100 bootstrap resamples for a 95 % interval")
-    names = list(perturbations) if perturbations is not None else list(A.PERTURBATIONS)
-    for name in names:
-        A.get_perturbation(name)
     rd = RunDir(run_dir)
     rd.require(rd.config_path, rd.manifest_path, rd.model_path)
     config, manifest = rd.config(), rd.manifest()
+    names = list(perturbations) if perturbations is not None else default_perturbations(manifest.layout)
+    for name in names:
+        A.get_perturbation(name)
     model = model if model is not None else load_run_model(rd.path)
     spec = config.preprocess_spec
     raw_spec = spec.geometry_only()

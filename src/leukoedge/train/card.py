@@ -12,21 +12,40 @@ from .. import RESEARCH_NOTICE, __version__
 from ..data.records import Manifest
 from .rundir import RunConfig
 
-INTENDED_USE = (
-    "Research on automated classification of peripheral blood smear fields (Taleqani ALL classes or the "
-    "classes of the training manifest). " + RESEARCH_NOTICE + " Not for clinical decisions, screening or triage."
-)
+#: Layouts of the Taleqani ALL set, whose known traits (slide colour per class, a burnt-in scale-bar label)
+#: the card may name; for any other dataset the card says only what the run's own data show (issue 14).
+TALEQANI_LAYOUTS = frozenset({"taleqani", "taleqani-segmented"})
 
-LIMITATIONS = [
-    "Trained and tested on images from the same source; accuracy on other labs, stains, microscopes or cameras "
-    "is unknown and usually lower (see the out-of-distribution section).",
-    "Without patient ids, a block split by capture order is the best available guard against leakage; images "
-    "of one patient may still appear in more than one split.",
-    "Background colour and illumination differ between classes in the Taleqani data: a model can score well "
-    "by learning the slide instead of the cells. Check heatmaps before trusting a result.",
-    "Confidence is not a probability of disease; the abstention threshold only flags inputs unlike the "
-    "validation images.",
-]
+
+def intended_use(classes) -> str:
+    """What the model is for, in the run's own classes (no dataset it was not trained on is named)."""
+    return (f"Research on automated classification of blood-smear images into the classes of its training data "
+            f"({', '.join(classes)}). " + RESEARCH_NOTICE + " Not for clinical decisions, screening or triage.")
+
+
+def limitations(manifest: Manifest) -> list[str]:
+    """Limitations that hold for THIS run's data: its split kind, and dataset traits only for that dataset."""
+    out = ["Trained and tested on images from the same source; accuracy on other labs, stains, microscopes or "
+           "cameras is unknown and usually lower (see the abstention section)."]
+    has_groups = any(e.group for e in manifest.entries)
+    if manifest.leaky:
+        out.append("The split is image-level random: neighbouring captures and images of one patient fall into "
+                   "both train and test, so the test figures overstate accuracy on new slides.")
+    elif has_groups:
+        out.append("Images are split by group (e.g. patient or slide): no group appears in two splits.")
+    else:
+        out.append("Without patient or slide ids, a block split by capture order is the best available guard "
+                   "against leakage; images of one patient may still appear in more than one split.")
+    if manifest.layout in TALEQANI_LAYOUTS:
+        out.append("Background colour and illumination differ between classes in the Taleqani data, and every field "
+                   "carries a burnt-in scale-bar label: a model can score well by learning the slide instead of the "
+                   "cells (see the shortcut audit). Check heatmaps before trusting a result.")
+    else:
+        out.append("Anything that differs between the classes besides the cells (stain batch, camera, image size, "
+                   "background) can be learned instead of the cells: read the shortcut audit and "
+                   "`leukoedge data check` before trusting a result.")
+    out.append("Confidence is not a probability of disease; abstention only flags inputs unlike the validation images.")
+    return out
 
 
 AUDIT_HOWTO = ("Not run. `leukoedge eval RUN_DIR --audit` measures whether the model reads the cells or the slide: "
@@ -43,7 +62,7 @@ def build_card(config: RunConfig, manifest: Manifest, metrics: dict[str, dict], 
         "model": config.model,
         "leukoedge_version": __version__,
         "notice": RESEARCH_NOTICE,
-        "intended_use": INTENDED_USE,
+        "intended_use": intended_use(config.classes),
         "input": {"size": config.input_size, "preprocessing": config.preprocess_spec.to_dict(),
                   "pixels": "raw RGB 0..255; the model rescales inside"},
         "classes": list(config.classes),
@@ -66,7 +85,7 @@ def build_card(config: RunConfig, manifest: Manifest, metrics: dict[str, dict], 
         "collapse_warning": collapse or None,
         "ood": ood,
         "shortcut_audit": audit_section(audit),
-        "limitations": LIMITATIONS,
+        "limitations": limitations(manifest),
     }
 
 
@@ -209,11 +228,15 @@ def _audit_markdown(a: dict | None) -> list[str]:
               f"`{a['colour_step']}`; 95 % intervals in brackets (Wilson for accuracies, bootstrap for the heatmap), and every drop is tested on the same images (exact McNemar). Every perturbation keeps the cells' "
               "shape: a model that reads morphology should hardly move.", ""]
     lines += ["**Reading:**", ""] + [f"- {r}" for r in a["readings"]] + [""]
+    # The benign-vs-malignant column only when the labels say which class is benign.
     has_bvm = any("benign_vs_malignant_accuracy" in p for p in a["perturbations"].values())
-    lines += ["| perturbation | accuracy | benign vs malignant | agreement with clean |", "|---|---|---|---|"]
+    if has_bvm:
+        lines += ["| perturbation | accuracy | benign vs malignant | agreement with clean |", "|---|---|---|---|"]
+    else:
+        lines += ["| perturbation | accuracy | agreement with clean |", "|---|---|---|"]
     for name, p in a["perturbations"].items():
-        bvm = _ci(p.get("benign_vs_malignant_accuracy")) if has_bvm else "n/a"
-        lines.append(f"| {name} ({p['description']}) | {_ci(p['accuracy'])} | {bvm} | {_ci(p['agreement_with_clean'])} |")
+        bvm = f" {_ci(p.get('benign_vs_malignant_accuracy'))} |" if has_bvm else ""
+        lines.append(f"| {name} ({p['description']}) | {_ci(p['accuracy'])} |{bvm} {_ci(p['agreement_with_clean'])} |")
     lines += ["", "Colour-only baseline (logistic regression on colour statistics, fitted on train, no shape):", ""]
     for kind, b in a["colour_baseline"].items():
         bvm = f"; benign vs malignant {_ci(b['benign_vs_malignant_accuracy'])}" if "benign_vs_malignant_accuracy" in b else ""
@@ -250,7 +273,7 @@ def build_cv_card(cv: dict, config: RunConfig | None) -> dict:
         "model": options.get("model") or (config.model if config else None),
         "leukoedge_version": __version__,
         "notice": RESEARCH_NOTICE,
-        "intended_use": INTENDED_USE,
+        "intended_use": intended_use(config.classes),
         "classes": cv["classes"],
         "training": None if config is None else {
             "input_size": config.input_size, "epochs": config.epochs, "batch_size": config.batch_size,
@@ -259,7 +282,7 @@ def build_cv_card(cv: dict, config: RunConfig | None) -> dict:
             "select": config.extra.get("select", "val_loss"), "patience": config.extra.get("patience"),
             "loss": config.extra.get("loss")},
         "cross_validation": cv,
-        "limitations": LIMITATIONS,
+        "limitations": limitations(manifest),
     }
 
 
