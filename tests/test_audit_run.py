@@ -18,7 +18,8 @@ from PIL import Image
 
 from conftest import training_seed
 from leukoedge.data.records import Manifest, ManifestEntry
-from leukoedge.train.rundir import RunConfig, RunDir, read_json, write_json
+from leukoedge.files import write_json
+from leukoedge.train.rundir import RunConfig, RunDir, read_json
 
 keras = pytest.importorskip("keras")
 

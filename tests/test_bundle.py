@@ -18,8 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bundle_factory import CLASSES, shared_tiny_bundle
-from leukoedge.bundle import _check_member_name, load_bundle, make_archive, sha256_file, write_manifest
+from leukoedge.bundle import _check_member_name, load_bundle, make_archive, write_manifest
 from leukoedge.errors import BundleError
+from leukoedge.files import sha256_file
 from leukoedge.preprocess import PreprocessSpec
 from leukoedge.runtime import Classifier
 
@@ -237,6 +238,7 @@ def _set(path: str, value):
         ("calibration.temperature", float("inf"), "not a finite number"),
         ("calibration.temperature", "1.0", "not a finite number"),
         ("calibration.log_prob_floor", float("nan"), "log_prob_floor"),
+        ("calibration.log_prob_floor", 2.0, "log_prob_floor is 2.0; it must lie in (0, 1)"),
         ("abstention.threshold", float("nan"), "abstention.threshold"),
         ("abstention.threshold", float("-inf"), "abstention.threshold"),
         ("abstention.abstain_when", "sideways", "abstain_when"),

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from leukoedge.errors import UsageError
-from leukoedge.train import calibration as cal
+from leukoedge.stats import calibration as cal
 
 
 def calibrated_data(seed=0, n=3000, k=4):
@@ -24,7 +24,7 @@ def test_temperature_fixes_overconfident_model():
     assert fit.temperature == pytest.approx(5.0, rel=0.15)
     assert fit.nll_after < fit.nll_before
     before = cal.expected_calibration_error(cal.softmax(over[2000:]), y[2000:])
-    after = cal.expected_calibration_error(cal.apply_temperature(over[2000:], fit.temperature), y[2000:])
+    after = cal.expected_calibration_error(cal.temperature_scale_logits(over[2000:], fit.temperature), y[2000:])
     assert before > 0.1 and after < 0.05 and after < before / 3
 
 
@@ -32,13 +32,14 @@ def test_temperature_on_log_probabilities_equals_logits():
     logits, y = calibrated_data(n=500)
     over = logits * 3
     logp = cal.log_probs(cal.softmax(over), eps=1e-300)
-    np.testing.assert_allclose(cal.apply_temperature(logp, 2.5), cal.apply_temperature(over, 2.5), atol=1e-12)
+    np.testing.assert_allclose(cal.temperature_scale_logits(logp, 2.5), cal.temperature_scale_logits(over, 2.5),
+                               atol=1e-12)
     assert cal.fit_temperature(logp, y).temperature == pytest.approx(cal.fit_temperature(over, y).temperature, rel=1e-3)
 
 
 def test_int8_style_zero_probabilities_stay_finite():
     probs = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]])
-    out = cal.apply_temperature(cal.log_probs(probs), 2.0)
+    out = cal.temperature_scale_logits(cal.log_probs(probs), 2.0)
     assert np.all(np.isfinite(out)) and np.allclose(out.sum(1), 1.0)
 
 
@@ -57,7 +58,7 @@ def test_ece_and_reliability_against_hand_computation():
 
 def test_bad_inputs():
     with pytest.raises(UsageError):
-        cal.apply_temperature(np.zeros((2, 3)), 0.0)
+        cal.temperature_scale_logits(np.zeros((2, 3)), 0.0)
     with pytest.raises(UsageError):
         cal.fit_temperature(np.zeros((2, 3)), np.array([0, 3]))
     with pytest.raises(UsageError):
@@ -73,7 +74,7 @@ def test_conservative_temperature_keeps_a_clear_correction():
     assert 1.0 < lo <= fit.nll.temperature <= hi
     assert fit.temperature == lo and 2.2 < fit.temperature < 3.2
     before = cal.expected_calibration_error(cal.softmax(over[2000:]), y[2000:])
-    after = cal.expected_calibration_error(cal.apply_temperature(over[2000:], fit.temperature), y[2000:])
+    after = cal.expected_calibration_error(cal.temperature_scale_logits(over[2000:], fit.temperature), y[2000:])
     assert after < before / 3
     d = fit.to_dict()
     assert d["temperature_nll"] == fit.nll.temperature and d["temperature_interval"] == [lo, hi]

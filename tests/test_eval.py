@@ -11,9 +11,14 @@ import pytest
 from PIL import Image
 
 from leukoedge.data.records import Manifest, ManifestEntry
+from leukoedge.files import write_json
+from leukoedge.stats import metrics as SM
+from leukoedge.stats.calibration import expected_calibration_error
+from leukoedge.stats.metrics import auroc
+from leukoedge.stats.thresholds import quantile_threshold
 from leukoedge.train import metrics as M
-from leukoedge.train.ood import choose_threshold, ood_auroc
-from leukoedge.train.rundir import RunConfig, RunDir, read_json, write_json
+from leukoedge.train.ood import max_softmax
+from leukoedge.train.rundir import RunConfig, RunDir, read_json
 
 # ---------------------------------------------------------------- pure metrics
 
@@ -23,32 +28,32 @@ PRED = np.array([0, 0, 1, 1, 2, 2])
 
 
 def test_confusion_and_per_class_by_hand():
-    cm = M.confusion_matrix(Y, PRED, 3)
+    cm = SM.confusion_matrix(Y, PRED, 3)
     assert cm.tolist() == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
-    prf = M.per_class_prf(cm)
+    prf = SM.per_class_prf(cm)
     # class 0: tp 2, predicted 2, true 3 -> P 1, R 2/3, F1 0.8
     # class 1: tp 1, predicted 2, true 2 -> P 1/2, R 1/2, F1 1/2
     # class 2: tp 1, predicted 2, true 1 -> P 1/2, R 1, F1 2/3
     np.testing.assert_allclose(prf["precision"], [1, 0.5, 0.5])
     np.testing.assert_allclose(prf["recall"], [2 / 3, 0.5, 1])
     np.testing.assert_allclose(prf["f1"], [0.8, 0.5, 2 / 3])
-    assert M.accuracy(Y, PRED) == pytest.approx(4 / 6)
-    assert M.macro_f1(Y, PRED, 3) == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
-    assert M.weighted_f1(Y, PRED, 3) == pytest.approx((3 * 0.8 + 2 * 0.5 + 1 * 2 / 3) / 6)
+    assert SM.accuracy(Y, PRED) == pytest.approx(4 / 6)
+    assert SM.macro_f1(Y, PRED, 3) == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
+    assert SM.weighted_f1(Y, PRED, 3) == pytest.approx((3 * 0.8 + 2 * 0.5 + 1 * 2 / 3) / 6)
 
 
 def test_never_predicted_class_has_zero_precision_not_nan():
-    prf = M.per_class_prf(M.confusion_matrix([0, 1], [0, 0], 2))
+    prf = SM.per_class_prf(SM.confusion_matrix([0, 1], [0, 0], 2))
     assert prf["precision"].tolist() == [0.5, 0.0] and prf["f1"][1] == 0.0
 
 
 def test_roc_auc_by_hand_with_ties():
     # Classic example: positives 0.35, 0.8; negatives 0.1, 0.4 -> 3 of 4 pairs ordered -> 0.75.
-    assert M.roc_auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1], bool)) == pytest.approx(0.75)
+    assert SM.roc_auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1], bool)) == pytest.approx(0.75)
     # One tie between a positive and a negative counts 1/2: pairs (0.5>0.2 yes, 0.5=0.5 half) -> 0.75.
-    assert M.roc_auc(np.array([0.2, 0.5, 0.5]), np.array([0, 0, 1], bool)) == pytest.approx(0.75)
-    assert np.isnan(M.roc_auc(np.array([0.1, 0.2]), np.array([1, 1], bool)))
-    fpr, tpr = M.roc_curve(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1], bool))
+    assert SM.roc_auc(np.array([0.2, 0.5, 0.5]), np.array([0, 0, 1], bool)) == pytest.approx(0.75)
+    assert np.isnan(SM.roc_auc(np.array([0.1, 0.2]), np.array([1, 1], bool)))
+    fpr, tpr = SM.roc_curve(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1], bool))
     assert fpr.tolist() == [0, 0, 0.5, 0.5, 1] and tpr.tolist() == [0, 0.5, 0.5, 1, 1]
     assert np.trapezoid(tpr, fpr) == pytest.approx(0.75)
 
@@ -57,9 +62,9 @@ def test_ece_by_hand():
     # Two bins used: conf 0.9 (2 images, 1 correct: |0.5-0.9| = 0.4) and conf 0.6 (2 images, both correct: 0.4).
     probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.4, 0.6]])
     y = np.array([0, 1, 0, 1])
-    assert M.expected_calibration_error(y, probs) == pytest.approx(0.5 * 0.4 + 0.5 * 0.4)
+    assert expected_calibration_error(probs, y) == pytest.approx(0.5 * 0.4 + 0.5 * 0.4)
     perfect = np.array([[1.0, 0.0], [0.0, 1.0]])
-    assert M.expected_calibration_error(np.array([0, 1]), perfect) == pytest.approx(0.0)
+    assert expected_calibration_error(perfect, np.array([0, 1])) == pytest.approx(0.0)
 
 
 def test_bootstrap_interval_is_reproducible_and_brackets_the_estimate():
@@ -68,7 +73,7 @@ def test_bootstrap_interval_is_reproducible_and_brackets_the_estimate():
     probs = rng.dirichlet(np.ones(3), 200)
     probs[np.arange(150), y[:150]] += 2  # 150 of 200 made correct
     probs /= probs.sum(1, keepdims=True)
-    stat = lambda yy, pp: M.accuracy(yy, pp.argmax(1))  # noqa: E731
+    stat = lambda yy, pp: SM.accuracy(yy, pp.argmax(1))  # noqa: E731
     lo, hi = M.bootstrap_ci(stat, y, probs, n_resamples=300, seed=0)
     assert (lo, hi) == M.bootstrap_ci(stat, y, probs, n_resamples=300, seed=0)
     assert lo < stat(y, probs) < hi and hi - lo < 0.2
@@ -83,12 +88,28 @@ def test_summarize_flags_a_degenerate_all_one_class_predictor():
     assert json.dumps(M.jsonable(s), allow_nan=False)  # strict JSON: NaN AUCs become null
 
 
+def test_summary_macro_f1_skips_a_class_the_split_lacks_and_the_card_says_so():
+    """Class d is absent from this split and never predicted: macro-F1 averages a, b, c (sklearn's convention)."""
+    from leukoedge.train.card import _f1_over
+
+    y = np.array([0, 0, 1, 1, 2, 2])
+    pred = np.array([0, 1, 1, 1, 2, 2])
+    probs = np.eye(4)[pred] * 0.7 + 0.075
+    s = M.summarize(y, probs, ["a", "b", "c", "d"], n_resamples=50)
+    assert s["macro_f1_classes"] == ["a", "b", "c"]
+    assert s["macro_f1"] == pytest.approx((2 / 3 + 0.8 + 1.0) / 3)  # not / 4 with a 0 for d
+    assert "d: in neither" in _f1_over(M.jsonable(s))
+    full = M.summarize(Y, np.eye(3)[PRED], ["a", "b", "c"], n_resamples=50)
+    assert full["macro_f1_classes"] == ["a", "b", "c"] and _f1_over(full) == ""
+
+
 def test_ood_threshold_and_auroc():
     val = np.array([[0.9, 0.1]] * 95 + [[0.55, 0.45]] * 5)
-    t = choose_threshold(val, 0.05)
+    t = quantile_threshold(max_softmax(val), 0.05)
     assert 0.55 <= t <= 0.9
-    assert ood_auroc(np.array([0.9, 0.95, 0.99]), np.array([0.3, 0.5])) == pytest.approx(1.0)
-    assert ood_auroc(np.array([0.5, 0.5]), np.array([0.5, 0.5])) == pytest.approx(0.5)
+    # max-softmax: a LOW score is foreign, so both sides are negated for auroc (higher = more foreign)
+    assert auroc(-np.array([0.9, 0.95, 0.99]), -np.array([0.3, 0.5])) == pytest.approx(1.0)
+    assert auroc(-np.array([0.5, 0.5]), -np.array([0.5, 0.5])) == pytest.approx(0.5)
 
 
 # ---------------------------------------------------------------- a degenerate model's run directory

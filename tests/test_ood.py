@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from leukoedge.errors import BundleError, UsageError
-from leukoedge.runtime.ood import OODScorer, auroc, choose_threshold, ledoit_wolf_shrinkage
+from leukoedge.runtime.ood import OODScorer, ledoit_wolf_shrinkage
+from leukoedge.stats.metrics import auroc
+from leukoedge.stats.thresholds import threshold_for_rate
 
 
 def clouds(seed=0, n=300, d=32, shift=0.0):
@@ -67,7 +69,7 @@ def test_shifted_cloud_is_separated_and_threshold_holds(method):
     foreign, _ = clouds(seed=5, n=200, shift=4.0)
     scorer = OODScorer.fit_mahalanobis(train, ytrain) if method == "mahalanobis" else OODScorer.fit_knn(train, k=10)
     assert auroc(scorer.score(test), scorer.score(foreign)) > 0.99
-    scorer.threshold = choose_threshold(scorer.score(val), 0.05)
+    scorer.threshold = threshold_for_rate(scorer.score(val), 0.05)
     assert np.mean(scorer.abstain(val)) <= 0.05
     assert np.mean(scorer.abstain(foreign)) > 0.9
 
@@ -114,11 +116,30 @@ def test_auroc_with_ties_matches_sklearn():
     assert auroc([0, 0], [1, 1]) == 1.0
 
 
-def test_choose_threshold_count_and_errors():
+def test_threshold_for_rate_count_and_errors():
     s = np.arange(100, dtype=float)
-    t = choose_threshold(s, 0.05)
+    t = threshold_for_rate(s, 0.05)
     assert np.sum(s > t) == 5
     with pytest.raises(UsageError):
-        choose_threshold([], 0.05)
+        threshold_for_rate([], 0.05)
     with pytest.raises(UsageError):
-        choose_threshold(s, 1.5)
+        threshold_for_rate(s, 1.5)
+
+
+def test_ood_and_postprocess_no_longer_import_each_other():
+    """The score registry lives in runtime/scores.py; ood (fitted scorers) and postprocess never import each other."""
+    import ast
+    import inspect
+
+    from leukoedge.runtime import ood, postprocess, scores
+
+    def relative_imports(module) -> set[str]:
+        tree = ast.parse(inspect.getsource(module))
+        return {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1}
+
+    assert not relative_imports(ood) & {"postprocess", "scores"}
+    assert "ood" not in relative_imports(postprocess) and "scores" in relative_imports(postprocess)
+    assert not relative_imports(scores) & {"ood", "postprocess"}
+    # The fitted scores are known with their side without importing ood.
+    assert scores.get_score("mahalanobis")[1] == "above" and scores.get_score("knn")[1] == "above"
+    assert postprocess.abstain_side({"score": "knn"}) == "above"

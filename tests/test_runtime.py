@@ -23,7 +23,7 @@ from PIL import Image
 from bundle_factory import CLASSES, draw_cell, shared_tiny_bundle, shared_tiny_run
 from leukoedge.bundle import EDGETPU_MODEL_NAME, load_bundle, write_manifest
 from leukoedge.errors import BundleError, InvalidImageError, RuntimeUnavailableError, UsageError
-from leukoedge.runtime import Classifier, adapters, heatmap, postprocess
+from leukoedge.runtime import Classifier, adapters, heatmap, postprocess, scores
 from leukoedge.runtime.backend import DelegateChoice, select_delegate
 
 
@@ -79,13 +79,6 @@ def test_normalise_and_top1():
     assert postprocess.normalise(np.zeros(4)).tolist() == [0.25] * 4
 
 
-def test_temperature_on_probabilities_equals_softmax_of_scaled_logits():
-    z = np.array([2.0, -1.0, 0.5, 0.0])
-    softmax = lambda v: np.exp(v - v.max()) / np.exp(v - v.max()).sum()  # noqa: E731
-    for t in (0.5, 1.7, 3.0):
-        assert np.allclose(postprocess.apply_temperature(softmax(z), t), softmax(z / t), atol=1e-9)
-
-
 def test_abstain_scores_and_threshold():
     confident, unsure = np.array([0.97, 0.01, 0.01, 0.01]), np.array([0.3, 0.3, 0.2, 0.2])
     rule = {"score": "max_softmax", "threshold": 0.5}  # as leukoedge.train.ood writes it
@@ -104,7 +97,7 @@ def test_abstain_scores_and_threshold():
 
 def test_unknown_score_lists_known_ones():
     with pytest.raises(BundleError, match="max_softmax"):
-        postprocess.get_score("no-such-score")
+        scores.get_score("no-such-score")
 
 
 # ---------------------------------------------------------------- heatmaps

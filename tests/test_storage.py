@@ -15,9 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from leukoedge.edge_app.storage import (
-    ResultNotFoundError, ResultStore, atomic_write, check_result_id, csv_rows, csv_safe,
-)
+from leukoedge.edge_app.storage import ResultNotFoundError, ResultStore, check_result_id, csv_rows, csv_safe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,12 +103,15 @@ def test_recover_removes_tmp_orphans_and_rows_with_missing_files(tmp_path):
     assert reopened.recover() == {"tmp_files": 0, "orphan_files": 0, "rows_missing_files": 0}
 
 
-def test_atomic_write_replaces_whole_file(tmp_path):
-    target = tmp_path / "f.bin"
-    atomic_write(target, b"old")
-    atomic_write(target, b"new" * 1000)
-    assert target.read_bytes() == b"new" * 1000
-    assert not list(tmp_path.glob("*.tmp"))
+def test_stored_images_are_not_world_readable(tmp_path):
+    """The store writes through leukoedge.files with mode 0640 (tests of the write itself: test_files.py)."""
+    store = ResultStore(tmp_path)
+    result = store.add(_fields(), _files(0))
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in store.files_of(result).values():
+        assert path.stat().st_mode & 0o777 == 0o640 & ~umask
+    assert not list(store.images_dir.glob("*.tmp"))
 
 
 def test_csv_export_defuses_formulas():

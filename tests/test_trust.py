@@ -19,11 +19,12 @@ import pytest
 from PIL import Image
 
 from bundle_factory import CLASSES, SIZE, draw_cell, shared_tiny_bundle, shared_tiny_run
-from leukoedge.bundle import load_bundle, sha256_file, write_manifest
+from leukoedge.bundle import load_bundle, write_manifest
 from leukoedge.convert import trust
 from leukoedge.errors import BundleError, UsageError
 from leukoedge.runtime import Classifier, postprocess
-from leukoedge.train.calibration import apply_temperature, expected_calibration_error, log_probs
+from leukoedge.files import sha256_file
+from leukoedge.stats.calibration import expected_calibration_error, log_probs, temperature_scale_logits
 
 
 @pytest.fixture(scope="session")
@@ -143,7 +144,8 @@ def test_temperature_is_stored_and_applied_as_fitted(clf, source_bundle, bundle_
         assert cal["log_prob_floor"] is None and cal["ece_after"] == cal["ece_before"]
         expected = raw.probabilities
     else:
-        expected = apply_temperature(log_probs(raw.probabilities[None], cal["log_prob_floor"]), cal["temperature"])[0]
+        floored = log_probs(raw.probabilities[None], cal["log_prob_floor"])
+        expected = temperature_scale_logits(floored, cal["temperature"])[0]
     assert [pred.probabilities[c] for c in CLASSES] == pytest.approx(expected, abs=1e-9)
     # The abstention score ignores the temperature (its threshold was chosen without it).
     assert clf.abstain(raw)[0] == pytest.approx(pred.ood_score)
@@ -154,7 +156,7 @@ def test_temperature_is_stored_and_applied_as_fitted(clf, source_bundle, bundle_
     (bundle_copy / "bundle.json").write_text(json.dumps(meta))
     write_manifest(bundle_copy)
     sharp = Classifier(load_bundle(bundle_copy), edgetpu="off").classify(image)
-    expected = apply_temperature(log_probs(raw.probabilities[None], 1 / 512), 0.7)[0]
+    expected = temperature_scale_logits(log_probs(raw.probabilities[None], 1 / 512), 0.7)[0]
     assert [sharp.probabilities[c] for c in CLASSES] == pytest.approx(expected, abs=1e-9)
 
 

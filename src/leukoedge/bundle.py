@@ -27,7 +27,6 @@ numpy + stdlib only: this module runs on the Raspberry Pi.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tarfile
@@ -40,6 +39,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from .errors import BundleError, LeukoEdgeError
+from .files import atomic_path, atomic_write_text, sha256_file
 from .preprocess import PreprocessSpec
 
 FORMAT_NAME = "leukoedge-bundle"
@@ -58,46 +58,8 @@ ARCHIVE_KINDS = ("tar", "zip")
 #: Refuse archives that would unpack to more than this (a zip bomb guard).
 MAX_EXTRACTED_BYTES = 2 * 1024**3
 
-_READ_CHUNK = 1 << 20
-
 
 # --------------------------------------------------------------------- writing
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_READ_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write via a temp file in the same directory + rename (never half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def write_json(path: str | Path, data) -> Path:
-    return atomic_write_text(path, json.dumps(data, indent=1, sort_keys=False, default=_json_default) + "\n")
-
-
-def _json_default(obj):
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"cannot serialise {type(obj).__name__}")
-
-
 def write_manifest(bundle_dir: str | Path) -> Path:
     """Checksum every file of ``bundle_dir`` (flat) into MANIFEST.sha256.
 
@@ -121,17 +83,16 @@ def make_archive(bundle_dir: str | Path, kind: str, out: str | Path | None = Non
     if kind not in ARCHIVE_KINDS:
         raise BundleError(f"unknown archive kind {kind!r}; use one of {', '.join(ARCHIVE_KINDS)}")
     out = Path(out) if out else bundle_dir.with_name(f"{bundle_dir.name}.{kind}")
-    tmp = out.with_name(f".{out.name}.tmp")
     files = sorted(p for p in bundle_dir.iterdir() if p.is_file())
-    if kind == "tar":
-        with tarfile.open(tmp, "w") as tar:
-            for path in files:
-                tar.add(path, arcname=f"{bundle_dir.name}/{path.name}", recursive=False)
-    else:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            for path in files:
-                zf.write(path, arcname=f"{bundle_dir.name}/{path.name}")
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        if kind == "tar":
+            with tarfile.open(tmp, "w") as tar:
+                for path in files:
+                    tar.add(path, arcname=f"{bundle_dir.name}/{path.name}", recursive=False)
+        else:
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+                for path in files:
+                    zf.write(path, arcname=f"{bundle_dir.name}/{path.name}")
     return out
 
 
@@ -423,7 +384,10 @@ def _check_numbers(meta: dict, label: str) -> None:
         if not isinstance(calibration, dict):
             raise BundleError(f"{label}: {META_NAME} 'calibration' must be an object")
         _number(calibration.get("temperature", 1.0), "calibration.temperature", label, positive=True)
-        _number(calibration.get("log_prob_floor"), "calibration.log_prob_floor", label, allow_none=True)
+        floor = _number(calibration.get("log_prob_floor"), "calibration.log_prob_floor", label, allow_none=True)
+        if floor is not None and not 0.0 < floor < 1.0:
+            raise BundleError(f"{label}: {META_NAME} calibration.log_prob_floor is {floor!r}; it must lie in (0, 1)",
+                              hint="the bundle was edited or written by a broken converter; re-run `leukoedge convert`")
     abstention = meta.get("abstention") or {}
     if abstention:
         _number(abstention.get("threshold"), "abstention.threshold", label, allow_none=True)
@@ -578,6 +542,5 @@ __all__ = [
     "make_archive",
     "extract_archive",
     "verify_checksums",
-    "sha256_file",
     "FORMAT_VERSION",
 ]

@@ -73,14 +73,15 @@ def _command_line(args: argparse.Namespace) -> str:
 
 
 def _emit(report: dict, args: argparse.Namespace, markdown) -> None:
-    from .report import to_json, write_atomic
+    from ..files import atomic_write_text
+    from .report import to_json
 
     command = _command_line(args)
     text_json = to_json({"command": command, **report})
     text_md = markdown(report, command)
     if args.out:
         out = Path(args.out)
-        write_atomic(out, text_json if out.suffix.lower() == ".json" else text_md)
+        atomic_write_text(out, text_json if out.suffix.lower() == ".json" else text_md)
     sys.stdout.write(text_json if args.json else text_md)
 
 

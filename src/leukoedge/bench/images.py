@@ -21,9 +21,9 @@ import numpy as np
 from PIL import Image
 
 from ..errors import InvalidImageError, UsageError
+from ..files import IMAGE_SUFFIXES, image_files
 from ..preprocess import describe_image
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 #: Side of generated images: the Taleqani fields the zoo is trained on are 224 x 224.
 DEFAULT_SIDE = 224
 
@@ -41,7 +41,7 @@ def from_folder(folder: str | Path, limit: int = 32) -> BenchImages:
     root = Path(folder)
     if not root.is_dir():
         raise UsageError(f"--images {root}: not a folder")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = image_files(root)
     # Evenly spaced over the sorted list, so a class-folder dataset gives every class.
     step = max(1, len(files) // limit)
     images: list[bytes] = []

@@ -1,34 +1,22 @@
 """Report writers: JSON for scripts, Markdown for people; both written atomically.
 
 A benchmark that crashes half-way must not leave a truncated table in
-``benchmarks/results/`` that looks finished, so every file goes to a temporary
-sibling first and is renamed into place.
+``benchmarks/results/`` that looks finished, so every file is written with
+:func:`leukoedge.files.atomic_write_text` (a temporary sibling renamed into place).
 """
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from .. import RESEARCH_NOTICE
+from ..files import atomic_write_text
 from .machine import describe_machine
 
-
-def write_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temp file + rename (creating parent folders)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+#: The name the scripts in ``benchmarks/`` write their result files with (``benchmarks/_common.py``):
+#: kept as a contract for them; it IS :func:`leukoedge.files.atomic_write_text`.
+write_atomic = atomic_write_text
 
 
 def to_json(report: dict) -> str:

@@ -31,27 +31,11 @@ import numpy as np
 from tqdm import tqdm
 
 from ..stats import clopper_pearson, exceeds_rate, paired_change
+from ..stats.metrics import accuracy, macro_f1
 
 _EPS = 1e-7
 #: Significance level of both gate tests.
 ALPHA = 0.05
-
-
-def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    return float(np.mean(y_true == y_pred)) if len(y_true) else 0.0
-
-
-def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
-    """Unweighted mean of per-class F1 over classes present in truth or prediction."""
-    scores = []
-    for k in range(n_classes):
-        tp = int(np.sum((y_pred == k) & (y_true == k)))
-        fp = int(np.sum((y_pred == k) & (y_true != k)))
-        fn = int(np.sum((y_pred != k) & (y_true == k)))
-        if tp + fp + fn == 0:
-            continue
-        scores.append(2 * tp / (2 * tp + fp + fn))
-    return float(np.mean(scores)) if scores else 0.0
 
 
 def kl_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:

@@ -25,12 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bundle import CAM_WEIGHTS_NAME, MODEL_NAME, atomic_write_bytes, atomic_write_text, load_bundle, make_archive, sha256_file, write_json
+from ..bundle import CAM_WEIGHTS_NAME, MODEL_NAME, load_bundle, make_archive
 from ..data.records import Manifest
 from ..errors import BundleError, ConversionError, ParityError, RunError
+from ..files import atomic_path, atomic_write_bytes, atomic_write_text, sha256_file, write_json
 from ..preprocess import PreprocessSpec
 from ..train.rundir import RunConfig, RunDir
-from ..runtime.ood import FEATURE_METHODS
+from ..runtime.scores import FEATURE_METHODS
 from . import calibration, edgetpu as edgetpu_check, export, parity, trust, trust_plots, trust_report, writer
 from .modes import MODES
 from .options import ConvertOptions
@@ -104,7 +105,8 @@ def convert_run(options: ConvertOptions, *, representative_images: np.ndarray | 
         report = dataclasses.replace(report, size=size, split_kind=run.manifest.split_kind, leaky=run.manifest.leaky)
         trusted = _fit_trust(staging, options, run, score, test_entries, test_images, model, float_test)
         for name, array in trusted.arrays.items():
-            _save_npy(staging / name, array)
+            with atomic_path(staging / name) as tmp:
+                np.save(tmp, np.ascontiguousarray(array), allow_pickle=False)
         common.update(abstention=trusted.abstention, calibration=trusted.calibration)
         trust_plots.reliability_figure(trusted.report, staging / trust.RELIABILITY_PLOT, options.quantize)
         trusted.report["reliability_plot"] = trust.RELIABILITY_PLOT
@@ -281,12 +283,6 @@ def _fit_trust(
         float_val=parity.predict_float(model, val_images),
         float_test=float_test,
     )
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.npy")
-    np.save(tmp, np.ascontiguousarray(array), allow_pickle=False)
-    tmp.replace(path)
 
 
 def _check_shapes(model, size: tuple[int, int], n_classes: int) -> None:

@@ -4,7 +4,7 @@ Why here and not in training: the device sees the int8 model's dequantised
 outputs, not the float model's. Everything below is computed from
 :meth:`leukoedge.runtime.Classifier.run` on the provisional bundle, with the
 numpy code the device runs (:mod:`leukoedge.runtime.ood`,
-:mod:`leukoedge.runtime.postprocess`), so the stored threshold and temperature
+:mod:`leukoedge.runtime.postprocess`, :mod:`leukoedge.stats.calibration`), so the stored threshold and temperature
 are exactly right for what the device computes.
 
 The story:
@@ -13,11 +13,11 @@ The story:
    a stratified subsample of the TRAIN split (Mahalanobis: class means and a
    shrunk shared covariance; kNN: a reference set). ``max_softmax`` needs no fit.
 2. **Threshold** on the VAL split: about ``abstain_rate`` of in-distribution
-   validation images abstain (:func:`leukoedge.runtime.ood.choose_threshold`).
+   validation images abstain (:func:`leukoedge.stats.thresholds.threshold_for_rate`).
 3. **Temperature** fitted on VAL from the converted model's own probabilities,
-   clipped at :data:`LOG_PROB_FLOOR` (int8 rounds small probabilities to 0),
-   conservatively (bootstrap interval end closest to 1, see
-   :func:`calibrate`); ECE before/after measured on TEST with the runtime's
+   clipped at :data:`~leukoedge.stats.calibration.INT8_LOG_PROB_FLOOR` (int8
+   rounds small probabilities to 0), conservatively (bootstrap interval end
+   closest to 1, see :func:`calibrate`); ECE before/after measured on TEST with the runtime's
    own formula. The float Keras model gets the same treatment on its own
    probabilities (reported only, for comparison: the device runs the
    converted model).
@@ -43,23 +43,25 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import ConversionError, InvalidImageError
+from ..files import require_image_files
 from ..preprocess import PreprocessSpec, load_image
 from ..runtime import ood as ood_lib, postprocess
-from ..train.calibration import (
+from ..stats.calibration import (
+    INT8_LOG_PROB_FLOOR,
     T_MAX,
     T_MIN,
     bootstrap_ece_sd,
     fit_temperature_conservative,
     log_probs,
     reliability_diagram,
+    temperature_scale_probs,
 )
+from ..stats.metrics import auroc
+from ..stats.thresholds import threshold_for_rate
 
 log = logging.getLogger(__name__)
 
-#: Probabilities are clipped here before the temperature (half an int8 output step).
-LOG_PROB_FLOOR = 1.0 / 512
 SCORES = ("mahalanobis", "knn", "max_softmax")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 KNN_K = 10
 #: How the stored temperature is chosen (see :func:`calibrate`).
 CALIBRATION_METHOD = "nll-bootstrap-conservative"
@@ -129,10 +131,7 @@ def choose_rule(method: str, scorer, val: Outputs, rate: float) -> dict:
     # Scores per image exactly as the device computes them (one row at a time: a batched
     # product may differ in the last bit, enough to flip an image sitting on the threshold).
     scores, _ = decide(val, rule, scorer)
-    # Negation is exact, so for "below" the images under -t are exactly those choose_threshold counted.
-    rule["threshold"] = ood_lib.choose_threshold(foreignness(scores, rule), rate)
-    if rule["abstain_when"] == "below":
-        rule["threshold"] = -rule["threshold"]
+    rule["threshold"] = threshold_for_rate(scores, rate, abstain_when=rule["abstain_when"])
     if scorer is not None:
         scorer.threshold = rule["threshold"]
     return rule
@@ -159,7 +158,7 @@ def calibrate(
 ) -> tuple[dict, dict]:
     """Temperature fitted on validation; (calibration dict, reliability tables on test).
 
-    The temperature is :func:`~leukoedge.train.calibration.fit_temperature_conservative`:
+    The temperature is :func:`~leukoedge.stats.calibration.fit_temperature_conservative`:
     the plain NLL fit is kept in the dict (``temperature_nll``, and its test ECE
     ``ece_after_nll`` for comparison only; nothing is chosen on test). When the
     conservative choice is exactly 1 the probabilities are left untouched (no
@@ -169,9 +168,9 @@ def calibrate(
     on; otherwise T = 1 and ``kept_at_1`` says why (issue 14: on a small set a
     fitted T raised test ECE from 0.0845 to 0.1454). Test is never used to choose.
     """
-    fit = fit_temperature_conservative(log_probs(val.probs, LOG_PROB_FLOOR), y_val, seed=seed)
+    fit = fit_temperature_conservative(log_probs(val.probs, INT8_LOG_PROB_FLOOR), y_val, seed=seed)
     t, t_nll = fit.temperature, fit.nll.temperature
-    floor = None if t == 1.0 else LOG_PROB_FLOOR
+    floor = None if t == 1.0 else INT8_LOG_PROB_FLOOR
     ece_val_plain = reliability_diagram(val.probs, y_val, n_bins).ece
     kept_at_1 = None
     if t != 1.0:
@@ -195,7 +194,7 @@ def calibrate(
         **{k: v for k, v in fit.to_dict().items() if k != "temperature"},
         "at_search_bound": at_bound,
         "log_prob_floor": floor,
-        "fit_log_prob_floor": LOG_PROB_FLOOR,
+        "fit_log_prob_floor": INT8_LOG_PROB_FLOOR,
         "fitted_on": "val",
         "n_fit": int(len(y_val)),
         "ece_val_before": ece_val_plain,
@@ -225,21 +224,12 @@ def measure_calibration(temperature: float, test: Outputs, y_test: np.ndarray, n
     return cal, {"before": before.to_dict(), "after": after.to_dict()}
 
 
-def _apply(probs: np.ndarray, temperature: float, floor: float | None = LOG_PROB_FLOOR) -> np.ndarray:
-    """Row by row through the runtime's own function, so the reported ECE is the device's."""
-    return np.stack([postprocess.apply_temperature(p, temperature, floor) for p in probs])
+def _apply(probs: np.ndarray, temperature: float, floor: float | None = INT8_LOG_PROB_FLOOR) -> np.ndarray:
+    """Row by row through the device's own function and call, so the reported ECE is the device's."""
+    return np.stack([temperature_scale_probs(p, temperature, floor) for p in probs])
 
 
 # ------------------------------------------------------------------------- OOD folders
-def list_images(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise ConversionError(f"--ood-dir {folder}: no such folder")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ConversionError(f"--ood-dir {folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found")
-    return files
-
-
 def is_held_out(relative: str) -> bool:
     """Stable half split by file name (SHA-256), independent of the folder's order and size."""
     return int(hashlib.sha256(relative.encode("utf-8")).hexdigest()[:8], 16) % 2 == 1
@@ -249,7 +239,7 @@ def load_ood_set(clf, folder: Path, spec: PreprocessSpec, with_features: bool) -
     """Decode every image of ``folder`` through the one preprocessing path and run the device model."""
     folder = Path(folder)
     images, names = [], []
-    for path in list_images(folder):
+    for path in require_image_files(folder, ConversionError, f"--ood-dir {folder}"):
         try:
             images.append(load_image(path, spec))
         except InvalidImageError:
@@ -270,7 +260,7 @@ def ood_figures(test_foreign: np.ndarray, ood_foreign: np.ndarray, ood_abstained
             return {"n": 0, "auroc": None, "abstain_rate": None}
         return {
             "n": int(mask.sum()),
-            "auroc": ood_lib.auroc(test_foreign, ood_foreign[mask]),
+            "auroc": auroc(test_foreign, ood_foreign[mask]),
             "abstain_rate": float(ood_abstained[mask].mean()),
         }
 

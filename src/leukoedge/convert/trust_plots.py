@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConversionError
+from ..files import atomic_path
 
 
 def _pyplot():
@@ -78,8 +79,9 @@ def reliability_figure(report: dict, path: Path, converted_name: str) -> Path:
     fig.suptitle("Reliability on the test split (temperature chosen on validation)", fontsize=10)
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return path

@@ -90,7 +90,7 @@ def _calibration_md(report: dict) -> list[str]:
         ]
     rows = ([("float Keras", fcal)] if fcal else []) + [("converted (device)", cal)]
     lines += [
-        f"| model | T used | T (plain NLL) | test ECE before | test ECE after | after with plain NLL T | test ECE sd (bootstrap) |",
+        "| model | T used | T (plain NLL) | test ECE before | test ECE after | after with plain NLL T | test ECE sd (bootstrap) |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, c in rows:
@@ -114,7 +114,7 @@ def _calibration_md(report: dict) -> list[str]:
 
 
 def to_markdown(report: dict, title: str) -> str:
-    ab, cal = report["abstention"], report["calibration"]
+    ab = report["abstention"]
     n = report["n"]
     lines = [
         f"# {title}",

@@ -22,11 +22,10 @@ from ..bundle import (
     LABELS_NAME,
     META_NAME,
     MODEL_NAME,
-    atomic_write_text,
-    write_json,
     write_manifest,
 )
 from ..errors import RunError, UsageError
+from ..files import atomic_write_text, write_json
 from . import trust_report as trust_report_md
 
 

@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InvalidImageError
+from ..files import IMAGE_SUFFIXES, sha256_file
 from ..preprocess import open_image, to_rgb
 from .confounds import find_confounds, image_properties, looks_like_parent_of_datasets
-from .hashing import fingerprint, group_pairs, near_duplicate_pairs, sha256_file
-from .readers import IMAGE_SUFFIXES, read_dataset
+from .hashing import fingerprint, group_pairs, near_duplicate_pairs
+from .readers import read_dataset
 from .records import Record
 
 

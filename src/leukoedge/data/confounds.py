@@ -26,11 +26,12 @@ classes; this says so instead of training on it.
 """
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter, defaultdict
 from pathlib import Path, PurePosixPath
 from typing import Iterable
+
+from ..stats import binomial_tail
 
 #: A value must be shared by at least this many images to be reported.
 MIN_IMAGES = 5
@@ -50,19 +51,6 @@ def name_pattern(path: str, label: str) -> str:
     stem = stem if dot else name
     stem = re.sub(re.escape(label), "", stem, flags=re.IGNORECASE)
     return _DIGITS.sub("#", stem) + (f".{suffix.lower()}" if dot else "")
-
-
-def _binomial_tail(k: int, n: int, p: float) -> float:
-    """P(X >= k) for X ~ Binomial(n, p), exact (n is the number of images sharing one value)."""
-    if p <= 0.0:
-        return 0.0 if k > 0 else 1.0
-    if p >= 1.0:
-        return 1.0
-    log_p, log_q = math.log(p), math.log1p(-p)
-    terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p + (n - i) * log_q
-             for i in range(k, n + 1)]
-    top = max(terms)
-    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
 
 
 def find_confounds(items: Iterable[tuple[str, dict[str, str]]]) -> list[dict]:
@@ -94,7 +82,7 @@ def find_confounds(items: Iterable[tuple[str, dict[str, str]]]) -> list[dict]:
             share = class_counts[label] / total
             if n < MIN_IMAGES or n_label / n < PURITY or share > 0.9:
                 continue
-            p = _binomial_tail(n_label, n, share)
+            p = binomial_tail(n_label, n, share)  # exact: n is the number of images sharing one value
             if p >= ALPHA:
                 continue
             found.append({

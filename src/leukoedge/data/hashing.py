@@ -1,6 +1,6 @@
 """Exact and perceptual image hashes for duplicate detection.
 
-- Exact: SHA-256 of the file bytes (byte-identical copies).
+- Exact: SHA-256 of the file bytes (byte-identical copies; :func:`leukoedge.files.sha256_file`).
 - Near: a 64-bit DCT perceptual hash (pHash) of the 32x32 grayscale image:
   the signs of the 8x8 lowest-frequency DCT coefficients against their median.
   Re-encoding, small resizes and mild colour changes keep the Hamming distance
@@ -16,9 +16,6 @@
 """
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-
 import numpy as np
 from PIL import Image
 
@@ -26,14 +23,6 @@ from PIL import Image
 NEAR_DUPLICATE_BITS = 4
 #: Thumbnail correlation at or above which a candidate pair is confirmed.
 NEAR_DUPLICATE_CORRELATION = 0.75
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _dct_matrix(n: int) -> np.ndarray:

@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import DatasetError, UsageError
+from ..files import IMAGE_SUFFIXES, image_files
 from .records import Record
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 
 
 @dataclass(frozen=True)
@@ -50,13 +49,8 @@ def list_layouts() -> list[Layout]:
 
 
 def _images(folder: Path) -> list[Path]:
-    """Image files below ``folder`` (recursively), sorted, hidden files skipped."""
-    # hidden parts are judged below ``folder`` only: a dataset kept under ~/.cache still counts
-    return sorted(
-        p for p in folder.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+    """Image files below ``folder`` (recursively), sorted, hidden files skipped (judged below ``folder`` only)."""
+    return image_files(folder, skip_hidden=True)
 
 
 def _all_files(folder: Path) -> list[Path]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import ManifestError
+from ..files import write_json
 
 SPLITS = ("train", "val", "test")
 #: group: by patient; block: contiguous capture-order blocks per class;
@@ -111,12 +112,8 @@ class Manifest:
         }
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        tmp.replace(path)
-        return path
+        """Write the manifest as JSON, atomically (a crash never leaves half a manifest)."""
+        return write_json(path, self.to_dict())
 
     @classmethod
     def from_dict(cls, data: dict) -> "Manifest":

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DatasetError, ManifestError, UsageError
+from ..files import write_json
 from .check import duplicate_groups, scan
 from .hashing import group_pairs
 from .readers import read_dataset
@@ -420,11 +421,7 @@ def save_folds(manifests: list[Manifest], out_dir: str | Path) -> Path:
         "manifests": files,
         "test_counts": [sum(m.counts()["test"].values()) for m in manifests],
     }
-    path = out_dir / FOLDS_INDEX
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(index, indent=1) + "\n")
-    tmp.replace(path)
-    return path
+    return write_json(out_dir / FOLDS_INDEX, index)
 
 
 def is_folds_index(path: str | Path) -> bool:

@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from ..errors import DatasetError, UsageError
+from ..files import atomic_write_bytes
 
 #: (folder, file-name stem, canonical label), in the published Taleqani naming.
 CLASSES = (
@@ -270,9 +271,7 @@ def generate(out_dir: str | Path, n: int, size: int = 224, seed: int = 0, *, pro
     paths = []
     for c, k, label, path in iterator:
         rng = np.random.default_rng([seed, c, k])
-        data = encode_jpeg(render_field(label, rng, size))
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
+        # No fsync: a synthetic set is regenerated from its seed, never the only copy of anything.
+        atomic_write_bytes(path, encode_jpeg(render_field(label, rng, size)), fsync=False)
         paths.append(path)
     return paths

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 import socket
 from functools import lru_cache
@@ -34,6 +33,7 @@ from urllib.parse import urlencode, urlsplit
 from flask import Flask, Response, current_app, g, redirect, request, session, url_for
 
 from ..errors import LeukoEdgeError
+from ..files import atomic_write_bytes
 from .config import AppConfig
 
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -60,14 +60,7 @@ def load_secret_key(data_dir: Path) -> bytes:
     if path.is_file() and path.stat().st_size >= 32:
         return path.read_bytes()
     key = secrets.token_bytes(32)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, key)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, key, mode=0o600)
     return key
 
 

@@ -2,8 +2,9 @@
 
 Write order is what keeps the two consistent:
 
-1. every image file is written to ``<name>.tmp``, fsync'ed, renamed into place
-   and the directory fsync'ed, so a file either exists whole or not at all;
+1. every image file is written by :func:`leukoedge.files.atomic_write_bytes`
+   (mode 0640: a temp ``.<name>.<random>.tmp``, fsync'ed, renamed into place,
+   the directory fsync'ed), so a file either exists whole or not at all;
 2. only then is the row inserted and committed (``synchronous=FULL``).
 
 A crash between 1 and 2 leaves files without a row; deletion removes the row
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import sqlite3
 import threading
@@ -33,12 +33,15 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 from ..errors import LeukoEdgeError, UsageError
+from ..files import atomic_write_bytes, fsync_dir
 
 log = logging.getLogger(__name__)
 
 #: kind -> file suffix. The kinds are the only names a client may ask for.
 FILE_KINDS = {"original": None, "thumbnail": ".thumb.jpg", "heatmap": ".heatmap.jpg"}
 ORIGINAL_SUFFIXES = (".jpg", ".png")
+#: Mode of stored image files: owner read/write, group read, nothing for others (as the umask allows).
+IMAGE_FILE_MODE = 0o640
 ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 SCHEMA_VERSION = 1
 
@@ -143,29 +146,6 @@ def check_result_id(result_id: str) -> str:
     if not isinstance(result_id, str) or not ID_PATTERN.match(result_id):
         raise ResultNotFoundError(f"no result with id {result_id[:40]!r}")
     return result_id
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` is either old, or new and whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-    try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ResultStore:
@@ -276,9 +256,8 @@ class ResultStore:
         try:
             for kind, data in files.items():
                 path = self.file_path(result.id, kind, original_ext)
-                atomic_write(path, data)
+                atomic_write_bytes(path, data, mode=IMAGE_FILE_MODE)
                 written.append(path)
-            fsync_dir(self.images_dir)
             with self._db() as db:
                 db.execute(
                     "INSERT INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",

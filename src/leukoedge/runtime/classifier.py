@@ -30,6 +30,7 @@ from ..bundle import Bundle, load_bundle
 from ..errors import BundleError, InvalidImageError, UsageError
 from ..decode import open_pending
 from ..preprocess import decode_rgb, decode_size, load_image, prepare, to_rgb
+from ..stats.calibration import temperature_scale_probs
 from . import adapters, heatmap as heatmaps, postprocess
 from .backend import DelegateChoice, LiteRT, find_litert, select_delegate
 
@@ -258,7 +259,7 @@ class Classifier:
         t1 = time.perf_counter()
         raw = self.run(pixels)
         t2 = time.perf_counter()
-        probs = postprocess.apply_temperature(raw.probabilities, self._temperature, self._log_prob_floor)
+        probs = temperature_scale_probs(raw.probabilities, self._temperature, self._log_prob_floor)
         idx, label, confidence = postprocess.top1(probs, self.bundle.labels)
         # Thresholds are chosen on the model's own output (convert / leukoedge.train.ood), so
         # the score sees the probabilities before temperature scaling.

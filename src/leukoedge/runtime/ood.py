@@ -5,7 +5,10 @@ Why: max-softmax confidence does not flag foreign images on the Taleqani model
 real test images, issue 7). Distances in the model's feature space do better.
 All scores here follow one convention: **higher = more foreign**; an image is
 abstained when its score is above the threshold chosen on in-distribution
-validation data (:func:`choose_threshold`).
+validation data (:func:`leukoedge.stats.thresholds.threshold_for_rate`), and
+their separation from foreign images is measured by
+:func:`leukoedge.stats.metrics.auroc`. The names of the fitted scores and their
+side are registered in :mod:`.scores`, which this module does not import.
 
 Scores:
 
@@ -40,7 +43,6 @@ import numpy as np
 from ..errors import BundleError, UsageError
 
 METHODS = ("mahalanobis", "knn", "energy", "max_softmax")
-FEATURE_METHODS = ("mahalanobis", "knn")
 
 
 def as_vectors(features: np.ndarray) -> np.ndarray:
@@ -193,7 +195,8 @@ class OODScorer:
     def abstain(self, values: np.ndarray) -> np.ndarray:
         """Boolean (N,): score above the stored threshold."""
         if self.threshold is None:
-            raise UsageError("no abstention threshold chosen yet; call choose_threshold on validation scores")
+            raise UsageError("no abstention threshold chosen yet; choose one on validation scores "
+                             "(leukoedge.stats.thresholds.threshold_for_rate)")
         return self.score(values) > self.threshold
 
     def _features(self, values: np.ndarray) -> np.ndarray:
@@ -243,67 +246,3 @@ class OODScorer:
             raise BundleError(f"abstention threshold {threshold!r} is not a finite number")
         return cls(method=method, input=inp, params=params, arrays=arrs,
                    threshold=None if threshold is None else float(threshold))
-
-
-def choose_threshold(in_dist_scores: np.ndarray, target_abstain: float = 0.05) -> float:
-    """Threshold such that at most ``target_abstain`` of in-distribution scores lie above it.
-
-    With ``n`` scores, ``floor(target * n)`` of them are above the returned value
-    (fewer if there are ties at the threshold). Raises UsageError on empty or
-    non-finite scores or a target outside (0, 1).
-    """
-    s = np.sort(np.asarray(in_dist_scores, dtype=np.float64).ravel())
-    if s.size == 0 or not np.all(np.isfinite(s)):
-        raise UsageError("choose_threshold needs at least one finite in-distribution score")
-    if not 0.0 < target_abstain < 1.0:
-        raise UsageError(f"target abstention rate must be in (0, 1), got {target_abstain}")
-    k = int(np.floor(target_abstain * s.size + 1e-9))
-    return float(s[s.size - k - 1])
-
-
-def _midranks(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    ranks = np.empty(x.size, dtype=np.float64)
-    # Tied values share the mean of their 1-based ranks.
-    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])
-    ends = np.r_[starts[1:], xs.size]
-    avg = (starts + ends + 1) / 2.0
-    ranks[order] = np.repeat(avg, ends - starts)
-    return ranks
-
-
-def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
-    """P(out score > in score) + 0.5 P(tie): AUROC with out-of-distribution as the positive class.
-
-    Computed from midranks (Mann-Whitney U), so ties count half. Raises UsageError
-    if either side is empty or non-finite.
-    """
-    a = np.asarray(in_scores, dtype=np.float64).ravel()
-    b = np.asarray(out_scores, dtype=np.float64).ravel()
-    if a.size == 0 or b.size == 0 or not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
-        raise UsageError("auroc needs non-empty, finite in- and out-of-distribution scores")
-    ranks = _midranks(np.concatenate([a, b]))
-    u = ranks[a.size:].sum() - b.size * (b.size + 1) / 2.0
-    return float(u / (a.size * b.size))
-
-
-def _needs_fitted_scorer(name: str):
-    def score(probs, features, abstention):
-        raise BundleError(
-            f"the abstention score {name!r} needs the fitted scorer stored in the bundle "
-            "(abstention.scorer); use Classifier, which loads it",
-        )
-
-    return score
-
-
-def _register_fitted_scores() -> None:
-    """Make the fitted scores known to ``postprocess`` (distances: a HIGH score abstains)."""
-    from .postprocess import register_score
-
-    for name in FEATURE_METHODS:
-        register_score(name, "above")(_needs_fitted_scorer(name))
-
-
-_register_fitted_scores()

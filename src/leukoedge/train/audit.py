@@ -27,6 +27,7 @@ from tqdm import tqdm
 from .. import stain
 from ..errors import UsageError
 from ..stats import Proportion, paired_change, verdict_on_drop
+from ..stats.calibration import softmax
 from .cells import white_cell_mask
 
 # --- colour-only baseline --------------------------------------------------------------------
@@ -49,11 +50,6 @@ def colour_features(rgb: np.ndarray, kind: str = "histogram", bins: int = 8) -> 
     n = arr.shape[0] * arr.shape[1]
     hists = [np.histogram(ch, bins=bins, range=(0, 256))[0] / n for src in (arr, hsv) for ch in np.moveaxis(src, 2, 0)]
     return np.concatenate(hists + [stats])
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
 
 
 @dataclass
@@ -101,7 +97,7 @@ class ColourBaseline:
 
         current = loss(w)
         for _ in range(self.iterations):
-            p = _softmax(x @ w)
+            p = softmax(x @ w)
             grad = (x.T @ (p - onehot) / n + reg[:, None] * w).ravel(order="F")
             # Hessian blocks: X^T diag(p_a (delta_ab - p_b)) X / n, ordered class-major like grad.
             hess = np.empty((d * k, d * k))
@@ -132,7 +128,7 @@ class ColourBaseline:
     def predict_proba(self, images: Sequence[np.ndarray]) -> np.ndarray:
         if self.weights is None:
             raise UsageError("the colour baseline is not fitted; call fit first")
-        return _softmax(self._design(self.features(images)) @ self.weights)
+        return softmax(self._design(self.features(images)) @ self.weights)
 
 
 def flatten_background(rgb: np.ndarray, mask: np.ndarray | None = None, fill: Sequence[int] | None = None) -> np.ndarray:

@@ -27,7 +27,6 @@ or perturbation, too few bootstrap resamples).
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -38,11 +37,12 @@ from tqdm import tqdm
 from .. import RESEARCH_NOTICE
 from ..data.records import SPLITS
 from ..errors import RunError, UsageError
+from ..files import sha256_file, write_json
 from ..preprocess import COLOUR_STEPS, PreprocessSpec, apply_colour
 from . import audit as A
 from .cells import white_cell_masks_of
 from .dataset import ImageCache, load_split
-from .rundir import RunDir, read_json, write_json
+from .rundir import RunDir, read_json
 
 AUDIT_JSON = "audit.json"
 PANEL_PNG = "audit_panel.png"
@@ -72,14 +72,6 @@ MEANINGS = {
 
 def audit_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / AUDIT_JSON
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_run_model(run_dir: str | Path):
@@ -242,7 +234,7 @@ def audit_run(run_dir: str | Path, split: str = "test", *, n_boot: int = 1000,
     report = {
         "notice": RESEARCH_NOTICE,
         "model": config.model,
-        "model_sha256": file_sha256(rd.model_path),
+        "model_sha256": sha256_file(rd.model_path),
         "split": split,
         "split_kind": manifest.split_kind,
         "leaky": manifest.leaky,
@@ -327,7 +319,7 @@ def load_audit(run_dir: str | Path) -> dict | None:
     if not path.exists():
         return None
     data = read_json(path)
-    data["stale"] = bool(rd.model_path.exists() and data.get("model_sha256") != file_sha256(rd.model_path))
+    data["stale"] = bool(rd.model_path.exists() and data.get("model_sha256") != sha256_file(rd.model_path))
     return data
 
 

@@ -79,8 +79,8 @@ def build_card(config: RunConfig, manifest: Manifest, metrics: dict[str, dict], 
                      "seed": config.seed, "augmentation": config.augmentation,
                      "loss": config.extra.get("loss", "sparse categorical cross-entropy"),
                      "consistency": config.extra.get("consistency"), **(training or {})},
-        "metrics": {split: {k: m[k] for k in ("n", "accuracy", "macro_f1", "weighted_f1", "ece", "macro_auc",
-                                               "intervals", "per_class", "confusion_matrix") if k in m}
+        "metrics": {split: {k: m[k] for k in ("n", "accuracy", "macro_f1", "macro_f1_classes", "weighted_f1", "ece",
+                                               "macro_auc", "intervals", "per_class", "confusion_matrix") if k in m}
                     for split, m in metrics.items()},
         "collapse_warning": collapse or None,
         "ood": ood,
@@ -111,6 +111,16 @@ def audit_section(audit: dict | None) -> dict | None:
 
 def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.2f} %"
+
+
+def _f1_over(m: dict) -> str:
+    """Which classes macro-F1 averages when the split lacks some (and the model never predicts them)."""
+    over, all_classes = m.get("macro_f1_classes"), list(m.get("per_class") or {})
+    if over is None or len(over) == len(all_classes):
+        return ""
+    missing = [c for c in all_classes if c not in over]
+    return (f" (averaged over the {len(over)} classes in this split's labels or predictions; "
+            f"{', '.join(missing)}: in neither)")
 
 
 def _interval(m: dict, key: str, pct: bool = True) -> str:
@@ -185,7 +195,7 @@ def render_markdown(card: dict) -> str:
     for split, m in card["metrics"].items():
         lines += [f"### {split} ({m['n']} images)", "",
                   f"- accuracy {_pct(m['accuracy'])}{_interval(m, 'accuracy')}",
-                  f"- macro F1 {m['macro_f1']:.4f}{_interval(m, 'macro_f1', pct=False)}",
+                  f"- macro F1 {m['macro_f1']:.4f}{_interval(m, 'macro_f1', pct=False)}{_f1_over(m)}",
                   f"- weighted F1 {m['weighted_f1']:.4f}{_interval(m, 'weighted_f1', pct=False)}",
                   f"- ECE {m['ece']:.4f}{_interval(m, 'ece', pct=False)}; macro one-vs-rest ROC AUC "
                   + ("n/a" if m.get("macro_auc") is None else f"{m['macro_auc']:.4f}"),
@@ -266,14 +276,14 @@ CV_DEPLOY = ("These figures describe the recipe (model, options, data), not one 
              "complete run with its own card that `leukoedge convert` accepts; its own test figure is one fold's.")
 
 
-def build_cv_card(cv: dict, config: RunConfig | None) -> dict:
-    """The CV run's card as a JSON-ready dict: ``cv.json`` plus what was trained (fold 1's config)."""
+def build_cv_card(cv: dict, config: RunConfig | None, manifest: Manifest) -> dict:
+    """The CV run's card as a JSON-ready dict: ``cv.json`` plus what was trained (fold 1's config and manifest)."""
     options = cv.get("options", {})
     return {
         "model": options.get("model") or (config.model if config else None),
         "leukoedge_version": __version__,
         "notice": RESEARCH_NOTICE,
-        "intended_use": intended_use(config.classes),
+        "intended_use": intended_use(cv["classes"]),
         "classes": cv["classes"],
         "training": None if config is None else {
             "input_size": config.input_size, "epochs": config.epochs, "batch_size": config.batch_size,

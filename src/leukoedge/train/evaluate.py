@@ -21,12 +21,15 @@ import numpy as np
 
 from ..data.records import SPLITS
 from ..errors import UsageError
+from ..files import atomic_write_text, write_json
+from ..stats.metrics import auroc
+from ..stats.thresholds import quantile_threshold
 from . import plots
 from .card import build_card, render_markdown
 from .dataset import ImageCache, eval_dataset, load_split
 from .metrics import jsonable, summarize
-from .ood import SCORE_NAME, choose_threshold, load_folder, max_softmax, ood_auroc
-from .rundir import RunDir, write_json
+from .ood import SCORE_NAME, load_folder, max_softmax
+from .rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +125,7 @@ def write_card(run_dir: str | Path, results: dict[str, dict], ood: dict | None =
                 if history and k in history}
     card = jsonable(build_card(config, manifest, results, ood, training, audit=load_audit(rd.path)))
     write_json(rd.model_card_json, card)
-    _write_text(rd.model_card_md, render_markdown(card))
+    atomic_write_text(rd.model_card_md, render_markdown(card))
     return card
 
 
@@ -136,7 +139,7 @@ def _split_plots(rd: RunDir, split: str, y, probs, summary: dict, classes) -> No
 
 
 def _ood_report(model, probs_by_split: dict, ood_dirs, spec, batch_size: int) -> dict:
-    threshold = choose_threshold(probs_by_split["val"], OOD_QUANTILE)
+    threshold = quantile_threshold(max_softmax(probs_by_split["val"]), OOD_QUANTILE)
     reference = "test" if "test" in probs_by_split else "val"
     id_scores = max_softmax(probs_by_split[reference])
     report = {
@@ -154,13 +157,8 @@ def _ood_report(model, probs_by_split: dict, ood_dirs, spec, batch_size: int) ->
         x = load_folder(folder, spec)
         scores = max_softmax(predict(model, x, batch_size))
         report["auroc"][Path(folder).name] = {
-            "path": str(folder), "n": int(len(x)), "auroc": ood_auroc(id_scores, scores),
+            # A LOW max-softmax is foreign: negated, so that higher = more foreign as auroc expects.
+            "path": str(folder), "n": int(len(x)), "auroc": auroc(-id_scores, -scores),
             "abstain_rate": float(np.mean(scores < threshold)),
         }
     return report
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

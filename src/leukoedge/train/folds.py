@@ -35,7 +35,6 @@ import logging
 import sys
 import time
 from dataclasses import fields, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -44,9 +43,10 @@ from tqdm import tqdm
 from ..data.records import Manifest
 from ..data.split import check_partition, load_folds, save_folds
 from ..errors import UsageError
+from ..files import atomic_write_text, write_json
 from ..stats import wilson as stats_wilson
-from .metrics import per_class_prf
-from .rundir import RunDir, read_json, write_json
+from ..stats.metrics import macro_f1_from_confusion, per_class_prf
+from .rundir import RunDir, read_json
 
 if TYPE_CHECKING:  # pragma: no cover
     from .trainer import TrainOptions
@@ -269,7 +269,7 @@ def summarize_folds(folds: list[dict], classes: Sequence[str], k_total: int | No
             "correct": correct,
             "accuracy": correct / n if n else None,
             "accuracy_interval": wilson(correct, n),
-            "macro_f1": float(prf["f1"].mean()),
+            "macro_f1": macro_f1_from_confusion(cm),
             "per_class": {c: {"precision": float(prf["precision"][i]), "recall": float(prf["recall"][i]),
                               "f1": float(prf["f1"][i]), "support": int(prf["support"][i])}
                           for i, c in enumerate(classes)},
@@ -308,13 +308,6 @@ def _write(rd: RunDir, summaries: list[dict], k_total: int, first: Manifest, sav
     )
     config = RunDir(rd.fold_dir(1)).config() if RunDir(rd.fold_dir(1)).config_path.exists() else None
     write_json(rd.cv_path, cv)
-    card = build_cv_card(cv, config)
+    card = build_cv_card(cv, config, first)
     write_json(rd.model_card_json, card)
-    _write_text(rd.model_card_md, render_cv_markdown(card))
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Atomic (temp + rename), like every run file: an interrupted fold never leaves half a card."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write_text(rd.model_card_md, render_cv_markdown(card))

@@ -11,7 +11,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .metrics import roc_curve
+from ..files import atomic_path
+from ..stats.metrics import roc_curve
 
 
 def _pyplot():
@@ -25,11 +26,11 @@ def _pyplot():
 
 def _save(fig, path: Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    finally:
+        _pyplot().close(fig)
     return path
 
 

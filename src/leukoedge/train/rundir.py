@@ -39,6 +39,7 @@ from pathlib import Path
 
 from ..data.records import Manifest
 from ..errors import RunError
+from ..files import write_json
 from ..preprocess import PreprocessSpec
 
 
@@ -144,28 +145,3 @@ def read_json(path: Path):
         return json.loads(Path(path).read_text())
     except json.JSONDecodeError as err:
         raise RunError(f"{path}: not valid JSON ({err})") from None
-
-
-def write_json(path: Path, data) -> Path:
-    """Write atomically (temp file + rename): an interrupted run never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=_json_default) + "\n")
-    tmp.replace(path)
-    return path
-
-
-def _json_default(obj):
-    try:
-        import numpy as np
-
-        if isinstance(obj, np.generic):
-            return obj.item()
-        if isinstance(obj, np.ndarray):
-            return obj.tolist()
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"cannot serialise {type(obj).__name__}")

@@ -62,12 +62,13 @@ from tqdm import tqdm
 from .. import __version__
 from ..data.records import Manifest
 from ..errors import DatasetError, LeukoEdgeError, UsageError
+from ..files import atomic_path, write_json
 from ..preprocess import PreprocessSpec
 from .augment import recipe
 from .consistency import PairedConsistencyLoss, check_replicas, check_weight, describe
 from .dataset import (ImageCache, class_weights, eval_dataset, load_split, steps_per_epoch, train_dataset,
                       white_cell_masks)
-from .rundir import RunConfig, RunDir, read_json, write_json
+from .rundir import RunConfig, RunDir, read_json
 
 log = logging.getLogger(__name__)
 DISTRIBUTE = ("auto", "mirrored", "none")
@@ -534,6 +535,6 @@ class TqdmProgress(keras.callbacks.Callback):
 
 
 def _save_model(model, path: Path) -> None:
-    tmp = path.with_name(path.stem + ".tmp.keras")
-    model.save(tmp)
-    tmp.replace(path)
+    """Keras writes a temp ``.keras`` next to ``path``, renamed once whole: an interrupted save keeps the old model."""
+    with atomic_path(path) as tmp:
+        model.save(tmp)

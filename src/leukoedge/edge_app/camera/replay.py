@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import CameraError, InvalidImageError
+from ...files import IMAGE_SUFFIXES, image_files
 from ...preprocess import load_image
 from .base import PREVIEW_MAX_SIDE, encode_jpeg
-
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
 
 
 class ReplayCamera:
@@ -31,7 +30,7 @@ class ReplayCamera:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise CameraError(f"replay folder {self.folder} does not exist")
-        self.files = sorted(p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        self.files = image_files(self.folder, recursive=False)
         if not self.files:
             raise CameraError(f"replay folder {self.folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         self._lock = threading.Lock()

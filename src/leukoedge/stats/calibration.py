@@ -1,17 +1,34 @@
-"""Temperature scaling and calibration metrics, numpy only (no scipy, no TensorFlow).
+"""Calibration maths, numpy only: reliability bins, ECE, temperature scaling and its fit.
 
-Why: a confident wrong answer is worse than an honest 60 %. Temperature scaling
-(Guo et al. 2017) divides the logits by one number ``T`` fitted on validation
-data; it never changes the predicted class, only how sure the model claims to be.
+Why in ``stats``: training, the conversion step and the device all need it, and
+the copies had drifted: two ECEs with opposite argument orders, two reliability
+binnings, and two functions both called ``apply_temperature``, one taking
+probabilities (the device) and one taking logits (the fit). Here there is one
+ECE, ``expected_calibration_error(probs, labels)`` (keyword-friendly:
+``probs=``, ``labels=``), one binning (:func:`reliability_diagram`), and two
+temperature functions whose names say what they take:
+:func:`temperature_scale_logits` and :func:`temperature_scale_probs`.
+
+Temperature scaling (Guo et al. 2017) divides the logits by one number ``T``
+fitted on validation data; it never changes the predicted class, only how sure
+the model claims to be. A confident wrong answer is worse than an honest 60 %.
 
 Probabilities instead of logits: the exported models (and TFLite) output
 softmax probabilities. ``log p = z - logsumexp(z)`` differs from the logits
 ``z`` by a per-image constant, and softmax ignores per-image constants, so
 ``softmax(log p / T) == softmax(z / T)`` exactly. Every function here that takes
-"logits" therefore also accepts ``log(probabilities)``. One caveat: int8 outputs
-round small probabilities to exactly 0; :func:`log_probs` clips them at ``eps``
-(default half an int8 step, 1/512) so the logs stay finite, and the temperature
-for an int8 model should be fitted on that model's own clipped outputs.
+"logits" therefore also accepts ``log(probabilities)``, and
+:func:`temperature_scale_probs` computes ``softmax(z / T)`` from ``p`` alone. One
+caveat: int8 outputs round small probabilities to exactly 0; :func:`log_probs`
+clips them at a floor (default :data:`INT8_LOG_PROB_FLOOR`, half an int8 step,
+1/512) so the logs stay finite, and the temperature for an int8 model is fitted
+on that model's own clipped outputs. The device then applies
+``temperature_scale_probs(p, T, floor)``, the very formula that was fitted.
+
+Reliability bins: equal-width confidence bins on [0, 1] (15 by default), an
+image in ``(lo, hi]`` by its top probability (a confidence of exactly 0 goes to
+the first bin); ECE is ``sum_b n_b / N * |accuracy_b - confidence_b|``. ECE of
+no images is NaN.
 
 Conservative temperature (:func:`fit_temperature_conservative`): with a
 validation split the model almost never gets wrong, the NLL-optimal ``T`` rests
@@ -23,8 +40,8 @@ keeps the end closest to 1 (exactly 1 when the interval contains 1): the model
 is re-scaled only as far as validation is sure it should be. Still one scalar,
 so the device applies it exactly as before.
 
-This module lives in ``train`` but imports nothing heavy, so the runtime may
-import :func:`apply_temperature` too.
+Bad input (wrong shapes, NaN, a temperature <= 0) raises
+:class:`~leukoedge.errors.UsageError`.
 """
 from __future__ import annotations
 
@@ -36,6 +53,10 @@ from ..errors import UsageError
 
 #: Search range for T: wider than any sensible model (T < 0.05 or > 20 means a broken model).
 T_MIN, T_MAX = 0.05, 20.0
+#: Half an int8 output step: the floor under which an int8 softmax's zeros are clipped before the log.
+INT8_LOG_PROB_FLOOR = 1.0 / 512
+#: Where :func:`temperature_scale_probs` without a floor clips before the log (zeros stay zero there).
+_EPS = 1e-12
 
 
 def _check(logits: np.ndarray, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -44,13 +65,24 @@ def _check(logits: np.ndarray, labels: np.ndarray | None = None) -> tuple[np.nda
         raise UsageError(f"expected finite (N, classes >= 2) scores, got shape {np.shape(logits)}")
     if labels is None:
         return z, None
+    return z, _check_labels(labels, z.shape)
+
+
+def _check_labels(labels, shape: tuple[int, int]) -> np.ndarray:
     y = np.asarray(labels).ravel()
-    if y.shape[0] != z.shape[0] or not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= z.shape[1]:
-        raise UsageError(f"labels must be {z.shape[0]} integers in 0..{z.shape[1] - 1}")
-    return z, y.astype(np.int64)
+    n, k = shape
+    if y.shape[0] != n or (n and (not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= k)):
+        raise UsageError(f"labels must be {n} integers in 0..{k - 1}")
+    return y.astype(np.int64)
 
 
-def log_probs(probs: np.ndarray, eps: float = 1.0 / 512) -> np.ndarray:
+def _check_temperature(temperature: float) -> float:
+    if isinstance(temperature, bool) or not (np.isfinite(temperature) and temperature > 0):
+        raise UsageError(f"temperature must be a positive finite number, got {temperature!r}")
+    return float(temperature)
+
+
+def log_probs(probs: np.ndarray, eps: float = INT8_LOG_PROB_FLOOR) -> np.ndarray:
     """``log(max(p, eps))``: usable as logits (see module docstring)."""
     p = np.asarray(probs, dtype=np.float64)
     if p.ndim != 2 or not np.all(np.isfinite(p)) or np.any(p < 0):
@@ -59,17 +91,42 @@ def log_probs(probs: np.ndarray, eps: float = 1.0 / 512) -> np.ndarray:
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, shifted by the maximum so large logits cannot overflow."""
     z = np.asarray(z, dtype=np.float64)
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
 
 
-def apply_temperature(logits_or_log_probs: np.ndarray, temperature: float) -> np.ndarray:
-    """Calibrated probabilities ``softmax(z / T)``; ``z`` may be logits or log-probabilities."""
-    if not (np.isfinite(temperature) and temperature > 0):
-        raise UsageError(f"temperature must be a positive number, got {temperature}")
-    z, _ = _check(logits_or_log_probs)
-    return softmax(z / temperature)
+def temperature_scale_logits(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """Calibrated probabilities ``softmax(z / T)`` from ``(N, K)`` logits or log-probabilities (module docstring)."""
+    t = _check_temperature(temperature)
+    z, _ = _check(logits)
+    return softmax(z / t)
+
+
+def temperature_scale_probs(probs: np.ndarray, temperature: float, floor: float | None = None) -> np.ndarray:
+    """``softmax(z / T)`` computed from ``p = softmax(z)`` alone, over the last axis: what the device applies.
+
+    Without ``floor`` a zero probability stays zero, and ``T == 1`` returns
+    ``probs`` itself. With ``floor`` (what ``convert --calibrate`` fits with),
+    ``softmax(log(max(p, floor)) / T)``, i.e. exactly
+    ``temperature_scale_logits(log_probs(p, floor), T)``: an int8 zero becomes
+    the floor, as it was when the temperature was fitted.
+    """
+    t = _check_temperature(temperature)
+    p = np.asarray(probs, dtype=np.float64)
+    if floor is not None:
+        if not 0.0 < floor < 1.0:
+            raise UsageError(f"log_prob_floor must be in (0, 1), got {floor!r}")
+        logp = np.log(np.maximum(p, floor)) / t
+        e = np.exp(logp - logp.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+    if t == 1.0:
+        return probs
+    logp = np.log(np.clip(p, _EPS, 1.0)) / t
+    logp -= logp.max(axis=-1, keepdims=True)
+    e = np.exp(logp) * (p > 0)
+    return e / e.sum(axis=-1, keepdims=True)
 
 
 def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
@@ -199,7 +256,10 @@ class ReliabilityData:
 
     @property
     def ece(self) -> float:
+        """Count-weighted mean |accuracy - confidence| over the filled bins; NaN with no images."""
         n = self.counts.sum()
+        if n == 0:
+            return float("nan")
         filled = self.counts > 0
         return float(np.sum(self.counts[filled] / n * np.abs(self.accuracy[filled] - self.confidence[filled])))
 
@@ -215,10 +275,16 @@ class ReliabilityData:
 
 
 def reliability_diagram(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> ReliabilityData:
-    """Bin images by confidence (max probability) into ``(lo, hi]`` bins; mean confidence and accuracy per bin."""
-    if n_bins < 1:
-        raise UsageError(f"n_bins must be >= 1, got {n_bins}")
-    p, y = _check(probs, labels)
+    """Bin images by confidence (max probability) into ``(lo, hi]`` bins; mean confidence and accuracy per bin.
+
+    ``probs`` is ``(N, K)`` with finite values (N may be 0: every bin empty, ECE NaN).
+    """
+    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
+        raise UsageError(f"n_bins must be an integer >= 1, got {n_bins!r}")
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] < 2 or not np.all(np.isfinite(p)):
+        raise UsageError(f"expected finite (N, classes >= 2) probabilities, got shape {np.shape(probs)}")
+    y = _check_labels(labels, p.shape)
     conf = p.max(axis=1)
     correct = (p.argmax(axis=1) == y).astype(np.float64)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
@@ -231,5 +297,5 @@ def reliability_diagram(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15)
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
-    """ECE: count-weighted mean |accuracy - confidence| over ``n_bins`` equal-width bins."""
+    """ECE of ``probs`` ``(N, K)`` against integer ``labels``: see :class:`ReliabilityData`. NaN for no images."""
     return reliability_diagram(probs, labels, n_bins).ece
