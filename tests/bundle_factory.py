@@ -193,3 +193,34 @@ def shared_tiny_bundle(tmp_path_factory, quantize: str = "int8", with_heatmap: b
         run = shared_tiny_run(tmp_path_factory)
         _CACHE[key] = make_tiny_bundle(tmp_path_factory.mktemp("tiny-bundle"), quantize, with_heatmap, run_dir=run)
     return _CACHE[key]
+
+
+# ---------------------------------------------------------------- bundles with a training scale (issue 15)
+def scaled_bundle_copy(bundle_dir: str | Path, dest: str | Path, um_per_px: float | None,
+                       source_size: tuple[int, int] | None = None, extra: dict | None = None,
+                       without: tuple[str, ...] = ()) -> Path:
+    """A copy of ``bundle_dir`` whose spec records a training scale (or none), re-checksummed; returns ``dest``.
+
+    ``um_per_px`` is the training images' um/px as stored (``source_size`` (h, w); default:
+    stored at the model input size), as ``train`` records it; None: no scale, as old bundles.
+    ``extra`` adds top-level sections to bundle.json (e.g. ``{"quality": ...}``), ``without``
+    removes some (e.g. ``("quality",)``), so a test states what its bundle holds.
+    """
+    import json
+    import shutil
+
+    from leukoedge.bundle import write_manifest
+    from leukoedge.preprocess import PreprocessSpec
+
+    dest = Path(dest)
+    shutil.copytree(bundle_dir, dest)
+    meta_path = dest / "bundle.json"
+    meta = json.loads(meta_path.read_text())
+    spec = PreprocessSpec.from_dict(meta["preprocessing"]).with_scale(um_per_px, source_size)
+    meta["preprocessing"] = spec.to_dict()
+    meta.update(extra or {})
+    for key in without:
+        meta.pop(key, None)
+    meta_path.write_text(json.dumps(meta, indent=1))
+    write_manifest(dest)
+    return dest

@@ -51,7 +51,8 @@ def test_classify_matches_the_runtime_and_is_stored(app, client, classifier):
     body = r.json
     expected = classifier.classify(data)
     assert body["predicted"] == expected.label
-    assert body["label"] == (None if expected.abstained else expected.label)
+    assert body["label"] == expected.to_dict()["label"]  # None when abstained or a retake
+    assert body["retake"] == expected.retake
     assert body["probabilities"] == pytest.approx(expected.probabilities)
     assert body["abstained"] == expected.abstained and body["confidence"] == pytest.approx(expected.confidence)
     assert set(body["probabilities"]) == set(CLASSES)

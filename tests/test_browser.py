@@ -152,3 +152,69 @@ def test_no_token_warning_is_visible_on_every_page_in_chromium(browser, make_app
             warning = page.locator("#no-token-warning")
             assert warning.is_visible() and "anyone on this network" in warning.inner_text()
         context.close()
+
+
+@pytest.fixture
+def scaled_server(tmp_path, tiny_bundle):
+    """The tiny bundle's real model, its copy saying its 64 px training fields were 0.5 um/px: uploads are tiled."""
+    from bundle_factory import scaled_bundle_copy
+    from leukoedge.edge_app import AppConfig, create_app
+
+    bundle = scaled_bundle_copy(tiny_bundle, tmp_path / "scaled-bundle", 0.5, (64, 64))
+    config = AppConfig(bundle=bundle, camera="none", data_dir=tmp_path / "scaled", secret_key=b"z" * 32,
+                       num_threads=1, edgetpu="off")
+    app = create_app(config)  # the real start-up path: bundle loaded and verified, no camera
+    with BackgroundServer(app, config) as srv:
+        yield srv
+    app.extensions["leukoedge"].close()
+
+
+def test_scale_page_sets_the_header_and_the_result_draws_the_tile_map_in_chromium(browser, scaled_server, tmp_path):
+    """Type 0.25 um/px on the Scale page, see it in the header, upload a 2x2 field: four tile boxes over it."""
+    import numpy as np
+    from PIL import Image
+
+    from app_helpers import CLASSES, png_bytes
+    from bundle_factory import draw_cell
+
+    rng = np.random.default_rng(3)
+    cells = [draw_cell(label, rng, 64) for label in CLASSES]
+    field = np.asarray(Image.fromarray(np.vstack([np.hstack(cells[:2]), np.hstack(cells[2:])])).resize((256, 256)))
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    console_errors: list[str] = []
+    page.on("console", lambda msg: console_errors.append(msg.text) if msg.type == "error" else None)
+
+    page.goto(scaled_server.url + "/scale")
+    assert page.locator("#scale-status").inner_text() == "Scale: not calibrated — estimated per capture"
+    page.fill("#um-per-px", "0.25")
+    page.click("#save-typed")
+    page.wait_for_url(re.compile(r".*/scale\?saved=1$"), timeout=20_000)
+    assert re.fullmatch(r"Scale: 0\.25 um/px \(typed in on \d{4}-\d\d-\d\d\)",
+                        page.locator("#scale-status").inner_text())
+    assert page.locator("#scale-value").inner_text() == "0.25"
+
+    page.goto(scaled_server.url + "/upload")
+    assert page.locator("#scale-status").inner_text().startswith("Scale: 0.25 um/px")  # on every page
+    page.set_input_files("#images", files=[{"name": "field.png", "mimeType": "image/png", "buffer": png_bytes(field)}])
+    page.get_by_role("button", name="Upload and classify").click()
+    page.wait_for_url(re.compile(r".*/results/[0-9a-f]{32}$"), timeout=30_000)
+    _image_loaded(page, "#original")
+    assert page.locator("#tile-map rect.tile").count() == 4
+    image, overlay = page.locator("#original").bounding_box(), page.locator("#tile-map").bounding_box()
+    assert all(abs(image[k] - overlay[k]) < 1.5 for k in ("x", "y", "width", "height"))  # drawn over the capture
+    corner = page.locator('#tile-map rect[x="128"][y="128"]')
+    box = corner.bounding_box()
+    assert box["x"] == pytest.approx(image["x"] + image["width"] / 2, abs=3)
+    assert box["y"] == pytest.approx(image["y"] + image["height"] / 2, abs=3)
+    assert box["width"] == pytest.approx(image["width"] / 2, abs=3)
+    assert corner.locator("title").text_content().startswith("Tile 4: ")
+    assert "0.25 µm/px, given" in page.locator("#result-scale").inner_text()
+    page.locator("#tile-table summary").click()
+    assert page.locator("#tile-table tbody tr").count() == 4 and page.locator("#tile-table table").is_visible()
+
+    shots = Path(os.environ.get("LEUKOEDGE_SCREENSHOT_DIR", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(shots / "result-tile-map.png"), full_page=True)
+    assert not console_errors, console_errors  # e.g. a Content-Security-Policy violation
+    context.close()

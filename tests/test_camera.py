@@ -1,15 +1,15 @@
 """Camera backends, ``--camera`` parsing, auto fallback, and the MJPEG broadcaster.
 
 The Raspberry Pi camera cannot exist here, so ``picamera2`` is replaced by a
-fake ``Picamera2`` class injected into ``sys.modules`` (the only mock); the
-replay backend and the broadcaster run for real.
+fake ``Picamera2`` class injected into ``sys.modules`` (the only mock, shared with
+the camera-lock tests in ``camera_fakes``); the replay backend and the
+broadcaster run for real.
 """
 from __future__ import annotations
 
 import io
 import sys
 import threading
-import types
 
 import numpy as np
 import pytest
@@ -21,84 +21,14 @@ from leukoedge.edge_app.camera.replay import ReplayCamera
 from leukoedge.errors import CameraError, UsageError
 from leukoedge.preprocess import load_image
 
+from camera_fakes import SENSOR, install_fake_picamera2
+
 pytest_plugins = ["app_fixtures"]  # shared fixtures, registered once per session
-
-
-SENSOR = (400, 300)  # (width, height): small stand-in for a 4056x3040 HQ sensor
-
-
-class FakePicamera2:
-    """Records how the backend drives picamera2; returns frames shaped like the real one.
-
-    Mirrors the picamera2 API used by the backend: ``sensor_resolution``,
-    ``create_preview_configuration``, ``create_still_configuration``,
-    ``configure``, ``start``, ``capture_array``, ``switch_mode_and_capture_array``,
-    ``stop``, ``close``. Frames are (height, width, 3) uint8 for the configured size.
-    """
-
-    instances: list["FakePicamera2"] = []
-    fail_on_open = False
-    fail_on_capture = False
-
-    def __init__(self, camera_num: int = 0) -> None:
-        if FakePicamera2.fail_on_open:
-            raise IndexError("list index out of range")  # what picamera2 raises with no camera
-        self.calls: list[tuple] = []
-        self.sensor_resolution = SENSOR
-        self.configured = None
-        self.started = False
-        FakePicamera2.instances.append(self)
-
-    def create_preview_configuration(self, main):
-        self.calls.append(("preview_config", main))
-        return {"kind": "preview", "main": dict(main)}
-
-    def create_still_configuration(self, main):
-        self.calls.append(("still_config", main))
-        return {"kind": "still", "main": dict(main)}
-
-    def configure(self, config):
-        self.calls.append(("configure", config["kind"]))
-        self.configured = config
-
-    def start(self):
-        self.calls.append(("start",))
-        self.started = True
-
-    def _frame(self, config, value: int) -> np.ndarray:
-        width, height = config["main"]["size"]
-        frame = np.zeros((height, width, 3), np.uint8)
-        frame[..., 0] = value  # first byte in memory = R for "BGR888"
-        return frame
-
-    def capture_array(self, stream="main"):
-        self.calls.append(("capture_array", stream))
-        if FakePicamera2.fail_on_capture:
-            raise RuntimeError("Camera frontend has timed out!")
-        return self._frame(self.configured, 10)
-
-    def switch_mode_and_capture_array(self, config, stream="main"):
-        self.calls.append(("switch_mode_and_capture_array", config["kind"], stream))
-        if FakePicamera2.fail_on_capture:
-            raise RuntimeError("Camera frontend has timed out!")
-        return self._frame(config, 200)
-
-    def stop(self):
-        self.calls.append(("stop",))
-
-    def close(self):
-        self.calls.append(("close",))
 
 
 @pytest.fixture
 def fake_picamera2(monkeypatch):
-    FakePicamera2.instances = []
-    FakePicamera2.fail_on_open = False
-    FakePicamera2.fail_on_capture = False
-    module = types.ModuleType("picamera2")
-    module.Picamera2 = FakePicamera2
-    monkeypatch.setitem(sys.modules, "picamera2", module)
-    return FakePicamera2
+    return install_fake_picamera2(monkeypatch)
 
 
 def _no_picamera2(monkeypatch):

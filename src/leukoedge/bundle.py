@@ -41,6 +41,7 @@ import numpy as np
 from .errors import BundleError, LeukoEdgeError
 from .files import atomic_path, atomic_write_text, sha256_file
 from .preprocess import PreprocessSpec
+from .quality import QualityThresholds
 
 FORMAT_NAME = "leukoedge-bundle"
 FORMAT_VERSION = 1
@@ -184,6 +185,12 @@ class Bundle:
             except (OSError, ValueError) as err:
                 raise BundleError(f"{self.source}: unreadable abstention array {filename} ({err})") from None
         return scorer, arrays
+
+    @property
+    def quality(self) -> QualityThresholds | None:
+        """The capture quality gate's thresholds (checked at load); None for bundles made before the gate."""
+        section = self.meta.get("quality")
+        return QualityThresholds.from_dict(section) if section is not None else None
 
     @property
     def heatmap(self) -> dict | None:
@@ -350,6 +357,7 @@ def _check_meta(root: Path, meta: dict, label: str) -> tuple[PreprocessSpec, tup
         raise BundleError(f"{label}: heatmap weights file {weights!r} is not in the bundle")
     _check_scorer(root, meta.get("abstention"), outputs, label)
     _check_numbers(meta, label)
+    _check_quality(meta, label)
     return spec, labels
 
 
@@ -411,6 +419,24 @@ def _check_numbers(meta: dict, label: str) -> None:
             if scale <= 0 or not lo <= zero <= hi:
                 raise BundleError(f"{label}: {META_NAME} {where} is {dtype} with scale {scale:g} and zero point "
                                   f"{zero}; a quantised tensor needs scale > 0 and a zero point in [{lo}, {hi}]")
+
+
+# --- issue 15: the capture quality gate's section (leukoedge.quality owns the rules) ---
+def _check_quality(meta: dict, label: str) -> None:
+    """``quality``, when present, holds finite thresholds in range; absent or null: a bundle without the gate.
+
+    A NaN focus limit would pass every capture and a negative clipped-pixel
+    limit refuse every one, silently: refuse the bundle at load instead.
+    """
+    section = meta.get("quality")
+    if section is None:
+        return
+    try:
+        QualityThresholds.from_dict(section)
+    except LeukoEdgeError as err:
+        raise BundleError(f"{label}: {META_NAME} {err.message}",
+                          hint="the bundle was edited or written by a broken converter; re-run `leukoedge convert`") from None
+# --- end issue 15 quality section ---
 
 
 def _check_scorer(root: Path, abstention, outputs: dict, label: str) -> None:

@@ -1,4 +1,4 @@
-"""The one command: ``leukoedge data|train|eval|convert|serve|bench|demo``.
+"""The one command: ``leukoedge data|train|eval|convert|predict|serve|bench|demo``.
 
 Each subcommand lives in its own module with a ``register(subparsers)``
 function; the module imports heavy dependencies (TensorFlow, Flask) only inside
@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     ("train", "leukoedge.train.cli"),
     ("eval", "leukoedge.train.eval_cli"),
     ("convert", "leukoedge.convert.cli"),
+    ("predict", "leukoedge.predict"),
     ("serve", "leukoedge.edge_app.cli"),
     ("bench", "leukoedge.bench.cli"),
     ("demo", "leukoedge.demo"),

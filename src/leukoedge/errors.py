@@ -99,3 +99,10 @@ class CameraError(LeukoEdgeError):
 
     exit_code = 10
     http_status = 503
+
+
+class ScaleError(LeukoEdgeError):
+    """A pixel size that cannot be measured (no red cells found) or makes no sense (not positive, absurd)."""
+
+    exit_code = 11
+    http_status = 422

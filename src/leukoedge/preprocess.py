@@ -66,6 +66,15 @@ class PreprocessSpec:
             field of view is kept, no cells are cropped away).
         colour: colour step after the resize, one of :data:`COLOUR_STEPS`
             (``"as-captured"`` = none; bundles without the field mean that).
+        um_per_px: micrometres per pixel of the training images as they were
+            stored (before the resize; measured from red cells by
+            :mod:`leukoedge.scale` or given by the user), or None when unknown
+            (bundles made before it existed). Training never uses it: the
+            training images define the scale. The device uses it to bring a
+            capture to the training magnification before tiling it.
+        field_um: (height, width) in micrometres of the field a typical
+            (median) training image shows, i.e. what one model input covers;
+            None when ``um_per_px`` is None. One tile of a capture covers this.
     """
 
     height: int
@@ -74,6 +83,8 @@ class PreprocessSpec:
     color_order: str = "RGB"
     fit: str = "stretch"
     colour: str = "as-captured"
+    um_per_px: float | None = None
+    field_um: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.height < 8 or self.width < 8 or self.height > 4096 or self.width > 4096:
@@ -86,6 +97,35 @@ class PreprocessSpec:
             raise UsageError(f"fit {self.fit!r} is not supported; only 'stretch'")
         if self.colour not in COLOUR_STEPS:
             raise UsageError(f"unknown colour step {self.colour!r}; use one of {', '.join(COLOUR_STEPS)}")
+        if self.um_per_px is not None:
+            um = _positive_finite(self.um_per_px, "um_per_px")
+            object.__setattr__(self, "um_per_px", um)
+            if self.field_um is None:
+                object.__setattr__(self, "field_um", (um * self.height, um * self.width))
+        if self.field_um is not None:
+            if self.um_per_px is None:
+                raise UsageError("field_um is given without um_per_px")
+            if len(self.field_um) != 2:
+                raise UsageError(f"field_um must be [height, width] in micrometres, got {self.field_um!r}")
+            object.__setattr__(self, "field_um", tuple(_positive_finite(v, "field_um") for v in self.field_um))
+
+    @property
+    def input_um_per_px(self) -> tuple[float, float] | None:
+        """Micrometres per model-input pixel (height, width): the scale a tile is resampled to."""
+        if self.field_um is None:
+            return None
+        return (self.field_um[0] / self.height, self.field_um[1] / self.width)
+
+    def with_scale(self, um_per_px: float | None, source_size: tuple[int, int] | None = None) -> "PreprocessSpec":
+        """This spec with a training scale: ``um_per_px`` of images of ``source_size`` (h, w) pixels.
+
+        Without ``source_size`` the images are taken to be stored at the input size.
+        """
+        if um_per_px is None:
+            return replace(self, um_per_px=None, field_um=None)
+        h, w = source_size or self.size
+        um = _positive_finite(um_per_px, "um_per_px")
+        return replace(self, um_per_px=um, field_um=(um * h, um * w))
 
     @classmethod
     def square(cls, size: int, colour: str = "as-captured") -> "PreprocessSpec":
@@ -101,15 +141,33 @@ class PreprocessSpec:
         return (self.height, self.width)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out["field_um"] = list(self.field_um) if self.field_um is not None else None
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "PreprocessSpec":
-        known = {"height", "width", "resize_method", "color_order", "fit", "colour"}
+        known = {"height", "width", "resize_method", "color_order", "fit", "colour", "um_per_px", "field_um"}
         unknown = set(data) - known
         if unknown:
             raise UsageError(f"unknown preprocessing fields {sorted(unknown)}")
-        return cls(**{k: data[k] for k in known if k in data})
+        values = {k: data[k] for k in known if k in data}
+        if values.get("field_um") is not None:
+            if not isinstance(values["field_um"], (list, tuple)):
+                raise UsageError(f"field_um must be [height, width] in micrometres, got {values['field_um']!r}")
+            values["field_um"] = tuple(values["field_um"])
+        return cls(**values)
+
+
+def _positive_finite(value, name: str) -> float:
+    """A positive finite float, or a UsageError naming the field."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{name} must be a number, got {value!r}") from None
+    if not (out > 0 and out < 1e4):  # also false for NaN
+        raise UsageError(f"{name} must be a positive number of micrometres below 10,000, got {value!r}")
+    return out
 
 
 def open_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS,

@@ -49,6 +49,9 @@ def register(subparsers) -> None:
                    "stratified subsample when the train split is larger)")
     p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
                    help="fit the temperature on the converted model's validation outputs (default on)")
+    p.add_argument("--um-per-px", type=float, default=None, metavar="X",
+                   help="micrometres per pixel of the TRAINING images, for runs trained without a recorded scale "
+                   "(or to correct it: a change over 10 %% is warned about); the device tiles captures at it")
     p.add_argument("--out", type=Path, required=True, metavar="BUNDLE", help="bundle directory to write")
     p.set_defaults(func=run)
 
@@ -78,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         calibrate=args.calibrate,
         abstain_rate=args.abstain_rate,
         ood_fit=args.ood_fit,
+        um_per_px=args.um_per_px,
     )
     from ..errors import ParityError
 
@@ -109,6 +113,10 @@ def _print_summary(result) -> None:
     print(f"size float32 {s['float32_bytes']:,} B -> {r.mode} {s['converted_bytes']:,} B ({s['ratio']:.2f}x smaller)", file=out)
     if result.heatmap_method:
         print(f"heatmap: {result.heatmap_method}", file=out)
+    if result.scale is not None:
+        um = result.scale.get("um_per_px")
+        print(f"scale: {'unknown (the device stretches the whole frame)' if um is None else f'{um:.4g} um/px'} "
+              f"({result.scale.get('how')})", file=out)
     if result.edgetpu is not None:
         print(result.edgetpu.to_text(), file=out)
     if result.trust is not None:

@@ -42,6 +42,8 @@ class ConvertOptions:
             (else keep the run's calibration.json temperature, 1.0 if none).
         abstain_rate: fraction of in-distribution validation images that abstain.
         ood_fit: training images whose features fit the scorer (stratified subsample).
+        um_per_px: the training images' pixel size for the bundle (``--um-per-px``), replacing
+            or adding to the run's recorded scale (see :mod:`.pixel_size`); None keeps the run's.
     """
 
     run_dir: Path
@@ -61,8 +63,12 @@ class ConvertOptions:
     calibrate: bool = True
     abstain_rate: float = 0.05
     ood_fit: int = DEFAULT_OOD_FIT
+    um_per_px: float | None = None
 
     def __post_init__(self) -> None:
+        from ..train.training_scale import check_um_per_px
+
+        check_um_per_px(self.um_per_px)
         if self.quantize not in MODES:
             raise UsageError(f"unknown --quantize {self.quantize!r}; use one of {', '.join(MODES)}")
         mode = MODES[self.quantize]

@@ -1,9 +1,10 @@
 """One conversion, start to finish: run dir -> TFLite -> parity gate -> bundle.
 
 The story, in order: read the run (config, manifest, model, abstention,
-temperature); build the batch-1 export model with named outputs; calibrate on
-the TRAIN split (full-integer modes); convert; write a provisional bundle and
-load it back through the device runtime; grade it against the float model on
+temperature, training scale: the run's, or ``--um-per-px``, :mod:`.pixel_size`); build the batch-1 export model with named outputs; decode a
+TRAIN-split selection once, to calibrate on (full-integer modes) and to fit the
+capture quality gate's thresholds on (:mod:`leukoedge.quality`); convert;
+write a provisional bundle and load it back through the device runtime; grade it against the float model on
 the TEST split; fit the abstention score and the temperature on the converted
 model's own outputs (:mod:`.trust`: train subsample, val, test, ``--ood-dir``),
 measuring the float model's calibration alongside (its test probabilities
@@ -32,8 +33,10 @@ from ..files import atomic_path, atomic_write_bytes, atomic_write_text, sha256_f
 from ..preprocess import PreprocessSpec
 from ..train.rundir import RunConfig, RunDir
 from ..runtime.scores import FEATURE_METHODS
+from .. import quality
 from . import calibration, edgetpu as edgetpu_check, export, parity, trust, trust_plots, trust_report, writer
-from .modes import MODES
+from .pixel_size import bundle_scale
+from .modes import MIN_CALIBRATION, MODES
 from .options import ConvertOptions
 
 log = logging.getLogger(__name__)
@@ -48,21 +51,24 @@ class ConvertResult:
     edgetpu: edgetpu_check.EdgeTpuReport | None
     heatmap_method: str | None
     trust: dict | None = None
+    scale: dict | None = None
 
 
 @dataclass(frozen=True)
 class _Run:
-    """What the conversion reads from the run directory, checked once."""
+    """What the conversion reads from the run directory, checked once.
+
+    ``spec`` is the run's preprocessing spec with the bundle's training scale
+    (the run's, or ``--um-per-px``); ``scale`` says where that came from.
+    """
 
     dir: RunDir
     config: RunConfig
     manifest: Manifest
     abstention: dict | None
     temperature: float
-
-    @property
-    def spec(self) -> PreprocessSpec:
-        return self.config.preprocess_spec
+    spec: PreprocessSpec
+    scale: dict
 
 
 def convert_run(options: ConvertOptions, *, representative_images: np.ndarray | None = None) -> ConvertResult:
@@ -92,12 +98,16 @@ def convert_run(options: ConvertOptions, *, representative_images: np.ndarray | 
     )
     export.check_conventions(model, need_features)
     _check_shapes(model, run.spec.size, len(run.config.classes))
-    tflite, size = _convert(options, run, model, export.build_export_model(model, need_features), representative_images)
+    train_entries, train_images = _train_sample(options, run)
+    quality_meta = _fit_quality(options, run, train_entries, train_images)
+    tflite, size = _convert(options, run, model, export.build_export_model(model, need_features),
+                            train_images if representative_images is None else representative_images)
     test_images = calibration.load_images(run.manifest, test_entries, run.spec, options.data_root, "test")
 
     staging = writer.staging_dir(options.out)
     try:
         common, tpu_report = _write_model_files(staging, options, run, model, tflite, size)
+        common["quality"] = quality_meta
         meta = writer.bundle_meta(valid=False, invalid_reason="parity gate not run yet", parity=None, **common)
         writer.write_common(staging, list(run.config.classes), meta)
         writer.finalize(staging)
@@ -120,7 +130,8 @@ def convert_run(options: ConvertOptions, *, representative_images: np.ndarray | 
     archive = make_archive(options.out, options.archive) if options.archive else None
     heatmap = common["heatmap"]
     result = ConvertResult(
-        options.out, archive, report, size, tpu_report, heatmap["method"] if heatmap else None, trusted.report
+        options.out, archive, report, size, tpu_report, heatmap["method"] if heatmap else None, trusted.report,
+        run.scale,
     )
     if not report.passed:
         err = ParityError(
@@ -139,7 +150,34 @@ def _read_run(options: ConvertOptions) -> _Run:
     config, manifest = rundir.config(), rundir.manifest()
     if tuple(config.classes) != tuple(manifest.classes):
         raise RunError(f"{rundir.path}: config classes {list(config.classes)} differ from the manifest's {list(manifest.classes)}")
-    return _Run(rundir, config, manifest, _abstention(rundir), _temperature(rundir))
+    spec, scale = bundle_scale(config, manifest, options.um_per_px, options.data_root)
+    return _Run(rundir, config, manifest, _abstention(rundir), _temperature(rundir), spec, scale)
+
+
+def _train_sample(options: ConvertOptions, run: _Run) -> tuple[list, np.ndarray]:
+    """Train-split entries and images at model size, decoded once for int8 calibration and the quality gate.
+
+    The stratified selection calibration always used (the run's seed,
+    ``--calibration`` images in full-integer modes, so calibration is unchanged),
+    or :data:`leukoedge.quality.FIT_IMAGES` in float modes.
+    """
+    full = options.mode.full_integer
+    entries = calibration.select_calibration(
+        run.manifest, options.calibration_size if full else quality.FIT_IMAGES, run.config.seed,
+        purpose="calibration" if full else "quality thresholds", minimum=MIN_CALIBRATION if full else 1,
+    )
+    return entries, calibration.load_images(run.manifest, entries, run.spec, options.data_root, "calibration")
+
+
+def _fit_quality(options: ConvertOptions, run: _Run, entries: list, images: np.ndarray) -> dict:
+    """``bundle.json["quality"]`` (issue 15): the capture gate's thresholds, from training images at model size.
+
+    The gate reads colour as captured (its white-cell rule), so a run with a
+    colour step (grayscale, Reinhard, Macenko) decodes the same images again without it.
+    """
+    if run.spec.colour != "as-captured":
+        images = calibration.load_images(run.manifest, entries, run.spec.geometry_only(), options.data_root, "quality")
+    return quality.fit_thresholds(images).to_dict()
 
 
 def _convert(options: ConvertOptions, run: _Run, model, export_model, representative_images) -> tuple[bytes, dict]:
@@ -179,6 +217,7 @@ def _write_model_files(staging: Path, options: ConvertOptions, run: _Run, model,
         run_dir=run.dir.path.resolve(),
         labels=list(run.config.classes),
         spec=run.spec.to_dict(),
+        scale=run.scale,
         quantize=options.quantize,
         input_desc=input_desc,
         outputs=outputs,

@@ -26,6 +26,8 @@ from ..bundle import (
 )
 from ..errors import RunError, UsageError
 from ..files import atomic_write_text, write_json
+from ..train.training_scale import card_markdown as scale_markdown
+from ..train.training_scale import card_section as scale_section
 from . import trust_report as trust_report_md
 
 
@@ -97,8 +99,14 @@ def bundle_meta(
     size: dict,
     edgetpu: dict | None,
     calibration: dict | None = None,
+    scale: dict | None = None,
+    quality: dict | None = None,
 ) -> dict:
-    """bundle.json; ``calibration`` (from ``convert --calibrate``) replaces the bare ``temperature``."""
+    """bundle.json; ``calibration`` (from ``convert --calibrate``) replaces the bare ``temperature``.
+
+    ``scale`` (:func:`.pixel_size.bundle_scale`) says where ``preprocessing.um_per_px`` came from;
+    ``quality`` is the capture gate's thresholds (:meth:`leukoedge.quality.QualityThresholds.to_dict`).
+    """
     files = {"model": MODEL_NAME, "labels": LABELS_NAME}
     if has_edgetpu:
         files["model_edgetpu"] = EDGETPU_MODEL_NAME
@@ -114,12 +122,14 @@ def bundle_meta(
         },
         "labels": labels,
         "preprocessing": spec,
+        "scale": scale,
         "quantize": quantize,
         "input": input_desc,
         "outputs": outputs,
         "files": files,
         "abstention": abstention,
         "calibration": dict(calibration) if calibration else {"temperature": temperature},
+        "quality": quality,
         "heatmap": heatmap,
         "valid": valid,
         "invalid_reason": invalid_reason,
@@ -164,8 +174,13 @@ def write_model_card(
         conversion["calibration_float"] = trust_report.get("calibration_float")
         conversion["reliability_plot"] = trust_report.get("reliability_plot")
     card.setdefault("notice", RESEARCH_NOTICE)
+    scale_card = _bundle_scale_card(meta, ((run_card or {}).get("scale") or {}).get("scale_jitter", 0.0))
+    if scale_card is not None:
+        card["scale"] = scale_card  # the bundle's scale, which --um-per-px may have set after training
     write_json(staging / "model_card.json", card)
     head = run_card_md.rstrip() if run_card_md else f"# Model card: {meta['model']['name']}\n\n{RESEARCH_NOTICE}"
+    if scale_card is not None and (meta.get("scale") or {}).get("source") == "conversion":
+        head = replace_section(head, "## Scale", scale_markdown(scale_card))
     if device_rule:
         head = replace_section(head, "## Out-of-distribution abstention", [
             f"This bundle abstains by its own rule, measured on the converted model: score `{device_rule}` "
@@ -184,6 +199,7 @@ def write_model_card(
         f"- parity gate: {'passed' if meta['valid'] else 'FAILED: ' + str(meta['invalid_reason'])}; "
         f"float accuracy {parity.get('float_accuracy', float('nan')):.4f}, converted {parity.get('quant_accuracy', float('nan')):.4f}, "
         f"agreement {parity.get('agreement', float('nan')):.4f} (details in parity.md)",
+        *_scale_lines(meta),
         *_trust_lines(meta),
         *trust_report_md.calibration_section(trust_report, meta["quantize"]),
         "",
@@ -209,6 +225,32 @@ def _without_scorer_arrays(abstention: dict | None) -> dict | None:
         return abstention
     scorer = abstention["scorer"]
     return {**abstention, "scorer": {k: scorer.get(k) for k in ("method", "input", "params")}}
+
+
+def _bundle_scale_card(meta: dict, scale_jitter: float) -> dict | None:
+    """The card's ``scale`` entry for the bundle's own spec (None for metadata without a scale record)."""
+    from ..preprocess import PreprocessSpec
+
+    if meta.get("scale") is None:
+        return None
+    spec = PreprocessSpec.from_dict(meta["preprocessing"])
+    training = meta["scale"].get("training") or {}
+    merged = {**training, **{k: v for k, v in meta["scale"].items() if k != "training"}}
+    return scale_section(merged, spec, scale_jitter)
+
+
+def _scale_lines(meta: dict) -> list[str]:
+    """The on-device section's scale line: what ``preprocessing.um_per_px`` the device tiles at."""
+    scale = meta.get("scale")
+    if scale is None:
+        return []
+    um = scale.get("um_per_px")
+    if um is None:
+        return ["- scale: unknown; the device stretches the whole frame to the model input "
+                "(add it with `leukoedge convert RUN_DIR --um-per-px X`)"]
+    field_um = meta["preprocessing"].get("field_um") or [0.0, 0.0]
+    return [f"- scale: {um:.4g} um/px ({scale.get('how')}); the device brings captures to it and tiles them "
+            f"into fields of {field_um[0]:.0f} x {field_um[1]:.0f} um"]
 
 
 def _trust_lines(meta: dict) -> list[str]:

@@ -1,4 +1,4 @@
-"""``leukoedge data check|split|synth|layouts``."""
+"""``leukoedge data check|split|synth|scale|layouts``."""
 from __future__ import annotations
 
 import argparse
@@ -8,8 +8,9 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("data", help="check, split and synthesise datasets",
-                              description="Dataset checks, leakage-aware split manifests and synthetic smears.")
+    p = subparsers.add_parser("data", help="check, split, synthesise and measure datasets",
+                              description="Dataset checks, leakage-aware split manifests, synthetic smears and "
+                                          "pixel sizes.")
     sub = p.add_subparsers(dest="data_command", metavar="ACTION")
     sub.required = True
 
@@ -41,7 +42,19 @@ def register(subparsers) -> None:
     synth.add_argument("--n", type=int, default=800, help="number of images, split evenly over 4 classes")
     synth.add_argument("--size", type=int, default=224, help="image side in pixels (default 224)")
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--magnification", type=float, default=1.0, metavar="M",
+                       help="cells M times their default size in the same image size (0.25-4; default 1): "
+                            "fields as another objective would show them")
     synth.set_defaults(func=_synth)
+
+    scale = sub.add_parser("scale", help="measure the pixel size (um/px) from the red cells",
+                           description="Estimate each image's pixel size from its red-cell diameters, and the "
+                                       "dataset's (the median over images).")
+    scale.add_argument("path", type=Path, help="an image file, or a folder (searched recursively)")
+    scale.add_argument("--rbc-um", type=float, default=None, metavar="UM",
+                       help="red-cell diameter in micrometres (default 7.5)")
+    scale.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    scale.set_defaults(func=_scale)
 
     layouts = sub.add_parser("layouts", aliases=["list-layouts"], help="list the dataset layouts that are recognised")
     layouts.set_defaults(func=_layouts)
@@ -91,10 +104,38 @@ def _split_folds(args: argparse.Namespace, make_folds, format_folds, save_folds)
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from .synth import generate
+    from .synth import generate, synthetic_um_per_px
 
-    paths = generate(args.out, args.n, size=args.size, seed=args.seed, progress=True)
-    print(f"wrote {len(paths)} images to {args.out / 'Original'} (seed {args.seed}, {args.size} px)")
+    paths = generate(args.out, args.n, size=args.size, seed=args.seed, progress=True,
+                     magnification=args.magnification)
+    um = synthetic_um_per_px(args.size, args.magnification)
+    print(f"wrote {len(paths)} images to {args.out / 'Original'} (seed {args.seed}, {args.size} px, "
+          f"magnification {args.magnification:g}: about {um:.3g} um/px for 7.5 um red cells)")
+    return 0
+
+
+def _scale(args: argparse.Namespace) -> int:
+    """Per-image and dataset um/px; exit 11 (ScaleError) when no image at all could be measured."""
+    from ..errors import DatasetError, ScaleError, UsageError
+    from ..files import image_files
+    from ..scale import RBC_UM, check_rbc_um, estimate_dataset
+
+    rbc_um = RBC_UM if args.rbc_um is None else check_rbc_um(args.rbc_um, UsageError)
+    if args.path.is_dir():
+        paths = image_files(args.path, skip_hidden=True)
+        if not paths:
+            raise DatasetError(f"{args.path}: no images found", hint="image files end in .jpg, .png, .tif or .bmp")
+        root = args.path
+    elif args.path.exists():
+        paths, root = [args.path], args.path.parent
+    else:
+        raise DatasetError(f"{args.path}: no such file or folder")
+    result = estimate_dataset(paths, rbc_um=rbc_um, progress=not args.json and sys.stderr.isatty())
+    print(json.dumps(result.to_dict(), indent=1) if args.json else result.to_text(root))
+    if result.um_per_px is None:
+        raise ScaleError(f"no red cells measured in any of the {result.n_images} image(s) under {args.path}",
+                         hint="check that they are blood smear fields; otherwise calibrate with a stage "
+                              "micrometer, or give the pixel size (train / predict --um-per-px)")
     return 0
 
 

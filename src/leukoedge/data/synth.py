@@ -27,6 +27,16 @@ enough that a compact CNN has to read *morphology* to tell them apart:
 Deterministic: image ``k`` of class ``c`` depends only on ``(seed, c, k)``,
 so the same seed gives the same bytes whatever ``n`` is. Vectorised numpy on
 small crops keeps it well above 100 images/s at 224 px on one core.
+
+Magnification (``magnification=M``, ``data synth --magnification M``): every
+length in the field (cell sizes, their soft edges, chromatin texture, focus
+blur, the margin cells may stick out by) is M times larger, the image size is
+not, and there are 1/M^2 as many red cells: the field a microscope would show at
+M times its magnification. The draws that size the cells come first and are the
+same for every M, so image ``k`` at M=2 has red cells exactly twice as large as at
+M=1 (its layout differs). M=1 gives exactly the bytes it always did. Red cells are
+:data:`RBC_DIAMETER_FRACTION` of the image side across on average at M=1, so a field
+has :func:`synthetic_um_per_px` um per pixel for 7.5 um red cells (224 px: ~0.30).
 """
 from __future__ import annotations
 
@@ -48,6 +58,28 @@ CLASSES = (
     ("Pro", "WBC-Malignant-Pro", "Pro-B"),
 )
 JPEG_QUALITY = 92
+#: Mean red-cell diameter / image side at magnification 1 (radii are drawn from 0.045-0.065 of the side).
+RBC_DIAMETER_FRACTION = 0.11
+#: Magnifications the generator accepts (cells of 0.25x .. 4x the default size).
+MAGNIFICATION_RANGE = (0.25, 4.0)
+
+
+def synthetic_um_per_px(size: int, magnification: float = 1.0, rbc_um: float = 7.5) -> float:
+    """um per pixel of a generated field of ``size`` px, if its red cells are ``rbc_um`` across."""
+    return rbc_um / (RBC_DIAMETER_FRACTION * size * magnification)
+
+
+def check_magnification(magnification: float) -> float:
+    """``magnification`` as a float in :data:`MAGNIFICATION_RANGE`, else UsageError."""
+    try:
+        m = float(magnification)
+    except (TypeError, ValueError):
+        raise UsageError(f"--magnification must be a number, got {magnification!r}") from None
+    lo, hi = MAGNIFICATION_RANGE
+    if not lo <= m <= hi:  # also false for NaN
+        raise UsageError(f"--magnification must be between {lo:g} and {hi:g} (cells that many times the default "
+                         f"size), got {magnification!r}")
+    return m
 
 
 @dataclass(frozen=True)
@@ -114,23 +146,26 @@ def _stamp(canvas: np.ndarray, keep: np.ndarray, add: np.ndarray, y0: int, x0: i
     region += add[ys - y0 : ye - y0, xs - x0 : xe - x0]
 
 
-def _red_cells(canvas: np.ndarray, rng: np.random.Generator, stain: dict) -> None:
-    """18-33 biconcave discs, drawn from 4 per-field sprites (size/eccentricity variants)."""
+def _red_cells(canvas: np.ndarray, rng: np.random.Generator, stain: dict, magnification: float = 1.0) -> None:
+    """18-33 biconcave discs (/ magnification^2), drawn from 4 per-field sprites (size/eccentricity variants)."""
     size = canvas.shape[0]
+    m = magnification
     sprites = []
     for _ in range(4):
-        r = size * rng.uniform(0.045, 0.065)
+        r = size * rng.uniform(0.045, 0.065) * m
         ecc = rng.uniform(0.9, 1.1)
         half = int(r * 1.3) + 2
         ax = np.arange(-half, half + 1, dtype=np.float32)
         d = np.sqrt((ax[:, None] * ecc) ** 2 + (ax[None, :] / ecc) ** 2) / r
-        body = np.clip((1.0 - d) * r / 1.2, 0, 1) * 0.92  # soft edge over ~1 px
+        body = np.clip((1.0 - d) * r / (1.2 * m), 0, 1) * 0.92  # soft edge over ~1 px (x magnification)
         pallor = (np.clip(1.0 - d / 0.55, 0, 1) * 0.55)[..., None]  # pale centre
         colour = (stain["rbc"] * (1 - pallor) + stain["background"] * pallor).astype(np.float32)
         sprites.append((half, (1.0 - body)[..., None], body[..., None] * colour))
     count = int(rng.integers(18, 34))
+    if m != 1.0:
+        count = max(1, round(count / (m * m)))
     choice = rng.integers(0, len(sprites), count)
-    centres = rng.uniform(-0.07, 1.07, (count, 2)) * size
+    centres = rng.uniform(-0.07 * m, 1 + 0.07 * m, (count, 2)) * size
     for k, (cy, cx) in zip(choice, centres):
         half, keep, add = sprites[k]
         _stamp(canvas, keep, add, int(cy) - half, int(cx) - half)
@@ -148,9 +183,10 @@ def _contour_radius(rng: np.random.Generator, theta: np.ndarray, irregular: floa
 
 
 def _white_cell(canvas: np.ndarray, rng: np.random.Generator, style: WhiteCellStyle, stain: dict,
-                centre: tuple[float, float], scale: float = 1.0) -> None:
+                centre: tuple[float, float], scale: float = 1.0, magnification: float = 1.0) -> None:
     size = canvas.shape[0]
-    R = size * rng.uniform(*style.radius) * scale
+    m = magnification
+    R = size * rng.uniform(*style.radius) * scale * m
     nc = rng.uniform(*style.nc)
     irregular = rng.uniform(*style.irregular)
     half = int(R * 1.35) + 3
@@ -159,15 +195,15 @@ def _white_cell(canvas: np.ndarray, rng: np.random.Generator, style: WhiteCellSt
     theta = np.arctan2(yy, xx)
     # cytoplasm: nearly round, pale blue
     cell_edge = R * (1 + 0.04 * np.cos(2 * theta + rng.uniform(0, 6.3)))
-    cyto = np.clip(cell_edge - rho, 0, 1.2) / 1.2
+    cyto = np.clip((cell_edge - rho) / m, 0, 1.2) / 1.2
     # nucleus: offset a little, irregular contour
     oy, ox = rng.uniform(-0.12, 0.12, 2) * R * (1 - nc) * 3
     ny, nx = yy - oy, xx - ox
     nrho = np.sqrt(ny**2 + nx**2)
     ntheta = np.arctan2(ny, nx)
     nuc_edge = R * nc * _contour_radius(rng, ntheta, irregular)
-    nucleus = np.clip(nuc_edge - nrho, 0, 1.2) / 1.2
-    chromatin = _smooth_noise(rng, yy.shape, rng.uniform(*style.chromatin) * size / 224)
+    nucleus = np.clip((nuc_edge - nrho) / m, 0, 1.2) / 1.2
+    chromatin = _smooth_noise(rng, yy.shape, rng.uniform(*style.chromatin) * size / 224 * m)
     darkness = rng.uniform(*style.darkness)
     density = np.clip(darkness + 0.22 * chromatin, 0.35, 1.0)
     for _ in range(rng.integers(style.nucleoli[0], style.nucleoli[1] + 1) if rng.random() < style.nucleolus_prob else 0):
@@ -192,19 +228,20 @@ def _stain(rng: np.random.Generator) -> dict:
     }
 
 
-def render_field(label: str, rng: np.random.Generator, size: int = 224) -> np.ndarray:
-    """One synthetic smear field of class ``label`` as uint8 HxWx3."""
+def render_field(label: str, rng: np.random.Generator, size: int = 224, magnification: float = 1.0) -> np.ndarray:
+    """One synthetic smear field of class ``label`` as uint8 HxWx3, cells ``magnification`` x the default size."""
     if label not in STYLES:
         raise UsageError(f"unknown synthetic class {label!r}; use one of {sorted(STYLES)}")
+    m = check_magnification(magnification)
     stain = _stain(rng)
     canvas = np.empty((size, size, 3), np.float32)
     canvas[:] = stain["background"]
-    _red_cells(canvas, rng, stain)
+    _red_cells(canvas, rng, stain, m)
     if rng.random() < 0.2:  # a small mature lymphocyte as a distractor, any class
         pos = rng.uniform(0.15, 0.85, 2) * size
-        _white_cell(canvas, rng, STYLES["Benign"], stain, (pos[0], pos[1]), scale=0.75)
+        _white_cell(canvas, rng, STYLES["Benign"], stain, (pos[0], pos[1]), scale=0.75, magnification=m)
     centre = size / 2 + rng.uniform(-0.12, 0.12, 2) * size
-    _white_cell(canvas, rng, STYLES[label], stain, (centre[0], centre[1]))
+    _white_cell(canvas, rng, STYLES[label], stain, (centre[0], centre[1]), magnification=m)
     # illumination: brightness and a smooth vignette/gradient
     axis = np.arange(size, dtype=np.float32) / size - 0.5
     yy, xx = axis[:, None], axis[None, :]
@@ -219,8 +256,8 @@ def render_field(label: str, rng: np.random.Generator, size: int = 224) -> np.nd
     canvas += noise[..., None]
     np.clip(canvas, 0, 255, out=canvas)
     img = Image.fromarray(canvas.astype(np.uint8), mode="RGB")
-    blur = rng.uniform(-0.4, 1.1) * size / 224  # about a quarter of the fields are in sharp focus
-    if blur > 0.15:
+    blur = rng.uniform(-0.4, 1.1) * size / 224 * m  # about a quarter of the fields are in sharp focus
+    if blur > 0.15 * m:
         # one box pass of radius 1.2*sigma has about the spread of a Gaussian of sigma (and a
         # third of its cost, which keeps the generator above 100 images/s on one core)
         img = img.filter(ImageFilter.BoxBlur(1.2 * blur))
@@ -238,8 +275,12 @@ def class_counts(n: int) -> list[int]:
     return [n // len(CLASSES) + (1 if i < n % len(CLASSES) else 0) for i in range(len(CLASSES))]
 
 
-def generate(out_dir: str | Path, n: int, size: int = 224, seed: int = 0, *, progress: bool = False) -> list[Path]:
+def generate(out_dir: str | Path, n: int, size: int = 224, seed: int = 0, *, progress: bool = False,
+             magnification: float = 1.0) -> list[Path]:
     """Write ``n`` fields in the Taleqani layout ``Original/<Class>/WBC-...-NNN.jpg``.
+
+    ``magnification``: cells that many times the default size (see the module
+    docstring); the fields then have :func:`synthetic_um_per_px` um per pixel.
 
     Files are numbered 1..n_c per class in "capture order". Returns the paths.
     Re-running with the same arguments rewrites the same bytes; a folder that
@@ -250,6 +291,7 @@ def generate(out_dir: str | Path, n: int, size: int = 224, seed: int = 0, *, pro
         raise UsageError(f"--n must be at least {len(CLASSES)} (one image per class), got {n}")
     if not 32 <= size <= 1024:
         raise UsageError(f"--size must be between 32 and 1024 px, got {size}")
+    magnification = check_magnification(magnification)
     root = Path(out_dir) / "Original"
     jobs = []
     for c, ((folder, stem, label), count) in enumerate(zip(CLASSES, class_counts(n))):
@@ -272,6 +314,6 @@ def generate(out_dir: str | Path, n: int, size: int = 224, seed: int = 0, *, pro
     for c, k, label, path in iterator:
         rng = np.random.default_rng([seed, c, k])
         # No fsync: a synthetic set is regenerated from its seed, never the only copy of anything.
-        atomic_write_bytes(path, encode_jpeg(render_field(label, rng, size)), fsync=False)
+        atomic_write_bytes(path, encode_jpeg(render_field(label, rng, size, magnification)), fsync=False)
         paths.append(path)
     return paths

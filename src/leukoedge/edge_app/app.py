@@ -8,6 +8,11 @@ shared by every request through ``app.extensions["leukoedge"]`` (an
 session of tests loads one model. Views live in one blueprint per concern
 (``views/``); errors become responses in one handler (``handlers.py``).
 
+The station's scale calibration (:mod:`.calibration`, ``DATA_DIR/scale.json``)
+is read here at every start and re-applied to every classification; every
+page's header shows it (``scale_line``). A damaged calibration file is logged
+and the station runs uncalibrated (scale estimated per capture).
+
 What can fail at start-up: :class:`~leukoedge.errors.BundleError` (damaged or
 invalid bundle), :class:`~leukoedge.errors.RuntimeUnavailableError` (no
 LiteRT), :class:`~leukoedge.edge_app.storage.StorageError` (data folder not
@@ -25,14 +30,17 @@ from werkzeug.exceptions import MethodNotAllowed
 
 from .. import RESEARCH_NOTICE, __version__
 from .admission import MemoryAdmission
+from .calibration import UNCALIBRATED_LINE, CalibrationStore
 from .camera import Camera, CameraHealth, CameraStatus, FrameBroadcaster, open_camera
 from .config import MAX_FORM_FIELD_BYTES, AppConfig
+from .focus import FocusMeter
 from .handlers import init_error_handlers
 from .metrics import KNOWN_METHODS, Metrics
 from .security import init_security, load_secret_key
 from .service import ClassifyService
 from .storage import ResultStore
-from .views import api, auth, history, media, ops, ui
+from .views import api, auth, focus, history, media, ops, scale, ui
+from .views import camera as camera_views  # not `camera`: create_app has a parameter of that name
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +57,16 @@ class AppState:
     camera_status: CameraStatus
     metrics: Metrics
     broadcaster: FrameBroadcaster | None
+    focus: FocusMeter | None = None
     started: float = field(default_factory=time.time)
 
     @property
     def store(self) -> ResultStore:
         return self.service.store
+
+    @property
+    def calibration(self) -> CalibrationStore:
+        return self.service.calibration
 
     def close(self) -> None:
         """Stop the preview, release the camera, close database connections."""
@@ -80,6 +93,8 @@ def create_app(config: AppConfig, *, classifier=None, camera: Camera | None = No
         classifier = _load_classifier(config)
     store = ResultStore(config.data_dir)  # before the camera: a storage failure leaves no device open
     store.recover()
+    calibration = CalibrationStore(config.data_dir)
+    calibration.load()  # the saved scale is re-applied (and logged) at every start
     if camera is None and camera_status is None:
         camera, camera_status = open_camera(config.camera)
     elif camera_status is None:
@@ -90,9 +105,11 @@ def create_app(config: AppConfig, *, classifier=None, camera: Camera | None = No
                                     health=camera_health)
                    if camera is not None else None)
     service = ClassifyService(classifier, store, metrics, camera,
-                              admission=MemoryAdmission(config.decode_memory_bytes), camera_health=camera_health)
+                              admission=MemoryAdmission(config.decode_memory_bytes), camera_health=camera_health,
+                              calibration=calibration)
     state = AppState(config=config, service=service,
-                     camera_status=camera_status, metrics=metrics, broadcaster=broadcaster)
+                     camera_status=camera_status, metrics=metrics, broadcaster=broadcaster,
+                     focus=FocusMeter(camera) if camera is not None else None)
 
     app = Flask(__name__)
     app.config.update(
@@ -111,7 +128,7 @@ def create_app(config: AppConfig, *, classifier=None, camera: Camera | None = No
     init_security(app, config)
     init_error_handlers(app)
 
-    for blueprint in (ui.bp, history.bp, media.bp, api.bp, ops.bp, auth.bp):
+    for blueprint in (ui.bp, history.bp, media.bp, api.bp, ops.bp, auth.bp, scale.bp, focus.bp, camera_views.bp):
         app.register_blueprint(blueprint)
 
     @app.context_processor
@@ -128,9 +145,19 @@ def create_app(config: AppConfig, *, classifier=None, camera: Camera | None = No
             "token_required": config.requires_token,
             "exposed_without_token": config.insecure_no_token,
             "loopback_only": config.loopback_only,
+            "scale_line": _scale_line(state),
         }
 
     return app
+
+
+def _scale_line(state: AppState) -> str:
+    """The header's scale: the calibration and how it was made, or that each capture is estimated."""
+    current = state.calibration.current
+    line = UNCALIBRATED_LINE if current is None else current.describe()
+    if state.service.model_um_per_px is None:
+        line += " · this model has no training scale (frames stretched)"
+    return line
 
 
 def _init_request_metrics(app: Flask, metrics: Metrics) -> None:

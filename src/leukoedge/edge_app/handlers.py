@@ -73,7 +73,8 @@ def handle_error(err: Exception):
         body = {"error": {"type": kind, "message": message, "hint": hint, "status": status}}
         return jsonify(body), status, headers
     page = render_template("error.html", status=status, message=message, hint=hint,
-                           show_upload=request.endpoint in ("ui.upload", "ui.capture"))
+                           show_upload=request.endpoint in ("ui.upload", "ui.capture"),
+                           nothing_stored=request.endpoint in ("scale.calibrate_form", "scale.forget_form"))
     return page, status, headers
 
 

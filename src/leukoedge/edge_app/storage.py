@@ -18,6 +18,18 @@ a fixed kind, so no user-supplied text ever becomes part of a path.
 
 Threads: one SQLite connection per thread (``threading.local``); SQLite's own
 locking plus ``busy_timeout`` serialise writers.
+
+Schema versions (``PRAGMA user_version``), migrated forward on open, in one
+transaction, keeping every row:
+
+1. the first release;
+2. issue 15: the scale each result was classified at (``um_per_px``,
+   ``scale_source``, ``scale_message``), its tiles and how they were
+   aggregated, the capture quality report and ``retake`` (a capture refused
+   for its quality: no label). Rows from version 1 read these as unknown
+   (NULL, no tiles, not a retake).
+
+A database from a newer leukoedge is refused rather than guessed at.
 """
 from __future__ import annotations
 
@@ -33,7 +45,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 from ..errors import LeukoEdgeError, UsageError
-from ..files import atomic_write_bytes, fsync_dir
+from ..files import atomic_write_bytes, fsync_dir, json_default
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +55,9 @@ ORIGINAL_SUFFIXES = (".jpg", ".png")
 #: Mode of stored image files: owner read/write, group read, nothing for others (as the umask allows).
 IMAGE_FILE_MODE = 0o640
 ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Most tiles kept per result (a 12 MP frame at the training scale gives a few dozen).
+MAX_STORED_TILES = 2000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (
@@ -63,11 +77,27 @@ CREATE TABLE IF NOT EXISTS results (
     width         INTEGER NOT NULL,
     height        INTEGER NOT NULL,
     original_ext  TEXT NOT NULL,
-    has_heatmap   INTEGER NOT NULL
+    has_heatmap   INTEGER NOT NULL,
+    um_per_px     REAL,
+    scale_source  TEXT,
+    scale_message TEXT,
+    tiles         TEXT,
+    aggregation   TEXT,
+    quality       TEXT,
+    retake        INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS results_created ON results (created_at DESC);
 CREATE INDEX IF NOT EXISTS results_label ON results (label, created_at DESC);
 """
+#: Columns added by each schema version: (name, SQL type and default), in order.
+_ADDED_COLUMNS = {
+    2: (("um_per_px", "REAL"), ("scale_source", "TEXT"), ("scale_message", "TEXT"), ("tiles", "TEXT"),
+        ("aggregation", "TEXT"), ("quality", "TEXT"), ("retake", "INTEGER NOT NULL DEFAULT 0")),
+}
+_COLUMNS = ("id", "created_at", "source", "filename", "label", "confidence", "abstained", "ood_score",
+            "probabilities", "latency_ms", "timings", "model_name", "model_version", "width", "height",
+            "original_ext", "has_heatmap", "um_per_px", "scale_source", "scale_message", "tiles", "aggregation",
+            "quality", "retake")
 
 
 class StorageError(LeukoEdgeError):
@@ -104,11 +134,33 @@ class StoredResult:
     height: int
     original_ext: str
     has_heatmap: bool
+    um_per_px: float | None = None
+    scale_source: str | None = None
+    scale_message: str | None = None
+    tiles: tuple = ()
+    aggregation: str | None = None
+    quality: dict | None = None
+    retake: bool = False
 
     @property
     def given_label(self) -> str | None:
-        """The label a reader may act on: None when the model abstained ("not like the training images")."""
-        return None if self.abstained else self.label
+        """The label a reader may act on: None when the model abstained ("not like the training images")
+        or the capture was refused for its quality (``retake``)."""
+        return None if self.abstained or self.retake else self.label
+
+    @property
+    def outcome(self) -> str:
+        """``retake`` (capture refused for its quality), ``abstained`` or ``labelled``: the history filter's kinds."""
+        return "retake" if self.retake else "abstained" if self.abstained else "labelled"
+
+    @property
+    def retake_message(self) -> str | None:
+        """e.g. "retake: out of focus" for a retake; None otherwise."""
+        if not self.retake:
+            return None
+        quality = self.quality or {}
+        reasons = ", ".join(str(r).replace("_", " ") for r in quality.get("reasons") or ())
+        return quality.get("message") or (f"retake: {reasons}" if reasons else "retake")
 
     def to_dict(self) -> dict:
         """JSON-ready: ``label`` is null for an abstained result; the model's top class is ``predicted``.
@@ -134,6 +186,15 @@ class StoredResult:
             "width": self.width,
             "height": self.height,
             "has_heatmap": self.has_heatmap,
+            "outcome": self.outcome,
+            "retake": self.retake,
+            "retake_message": self.retake_message,
+            "quality": None if self.quality is None else dict(self.quality),
+            "um_per_px": self.um_per_px,
+            "scale_source": self.scale_source,
+            "scale_message": self.scale_message,
+            "aggregation": self.aggregation,
+            "tiles": [dict(t) for t in self.tiles],
         }
 
 
@@ -165,10 +226,36 @@ class ResultStore:
         self._conn_lock = threading.Lock()
         try:
             conn = self._connection()
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise StorageError(f"the results database {self.db_path} was written by a newer leukoedge "
+                                   f"(schema {version}; this version reads up to {SCHEMA_VERSION})",
+                                   hint="upgrade leukoedge, or start with another --data-dir")
             conn.executescript(_SCHEMA)
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            self._migrate(conn, version)
         except sqlite3.Error as err:
             raise StorageError(f"cannot use the results database {self.db_path} ({err})") from None
+
+    def _migrate(self, conn: sqlite3.Connection, version: int) -> None:
+        """Add the columns of every schema version after ``version``, in one transaction.
+
+        Columns are added only where missing (``PRAGMA table_info``), so a
+        database made by this version (``_SCHEMA`` already has them) or a
+        migration interrupted before its commit is handled alike.
+        """
+        if version == SCHEMA_VERSION:
+            return
+        have = {row[1] for row in conn.execute("PRAGMA table_info(results)")}
+        rows = int(conn.execute("SELECT COUNT(*) FROM results").fetchone()[0])
+        with self._Tx(conn):
+            for step in range(max(version, 1) + 1, SCHEMA_VERSION + 1):
+                for name, decl in _ADDED_COLUMNS.get(step, ()):
+                    if name not in have:
+                        conn.execute(f"ALTER TABLE results ADD COLUMN {name} {decl}")
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if version and rows:
+            log.info("results database %s migrated from schema %d to %d (%d results kept)",
+                     self.db_path, version, SCHEMA_VERSION, rows)
 
     # -- connections -------------------------------------------------------
     def _connection(self) -> sqlite3.Connection:
@@ -251,6 +338,13 @@ class ResultStore:
             height=int(fields["height"]),
             original_ext=original_ext,
             has_heatmap="heatmap" in files,
+            um_per_px=None if fields.get("um_per_px") is None else float(fields["um_per_px"]),
+            scale_source=None if fields.get("scale_source") is None else str(fields["scale_source"])[:40],
+            scale_message=None if fields.get("scale_message") is None else str(fields["scale_message"])[:500],
+            tiles=tuple(dict(t) for t in list(fields.get("tiles") or ())[:MAX_STORED_TILES]),
+            aggregation=None if fields.get("aggregation") is None else str(fields["aggregation"])[:500],
+            quality=None if fields.get("quality") is None else dict(fields["quality"]),
+            retake=bool(fields.get("retake", False)),
         )
         written: list[Path] = []
         try:
@@ -260,14 +354,18 @@ class ResultStore:
                 written.append(path)
             with self._db() as db:
                 db.execute(
-                    "INSERT INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    f"INSERT INTO results ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
                     (result.id, result.created_at, result.source, result.filename, result.label,
                      result.confidence, int(result.abstained), result.ood_score,
                      json.dumps(result.probabilities), result.latency_ms, json.dumps(result.timings),
                      result.model_name, result.model_version, result.width, result.height,
-                     result.original_ext, int(result.has_heatmap)),
+                     result.original_ext, int(result.has_heatmap), result.um_per_px, result.scale_source,
+                     result.scale_message, json.dumps(list(result.tiles), default=json_default),
+                     result.aggregation,
+                     None if result.quality is None else json.dumps(result.quality, default=json_default),
+                     int(result.retake)),
                 )
-        except (OSError, sqlite3.Error) as err:
+        except (OSError, sqlite3.Error, TypeError, ValueError) as err:
             for path in written:
                 path.unlink(missing_ok=True)
             raise StorageError(f"could not save the result ({err})", hint="is the disk full?") from None
@@ -290,8 +388,9 @@ class ResultStore:
         return _decode(row)
 
     def page(self, *, label: str | None = None, limit: int = 50, offset: int = 0) -> list[StoredResult]:
-        """Newest first; ``label="abstained"`` selects the abstentions, any other label the results
-        GIVEN that label (abstentions whose top class it is are not)."""
+        """Newest first; ``label="retake"`` selects captures refused for their quality,
+        ``label="abstained"`` the abstentions (a retake may be one too), any other label the results
+        GIVEN that label (abstentions and retakes whose top class it is are not)."""
         where, params = _label_filter(label)
         rows = self._connection().execute(
             f"SELECT * FROM results {where} ORDER BY created_at DESC, id LIMIT ? OFFSET ?",
@@ -349,9 +448,11 @@ class ResultStore:
 def _label_filter(label: str | None) -> tuple[str, tuple]:
     if not label:
         return "", ()
+    if label == "retake":
+        return "WHERE retake = 1", ()
     if label == "abstained":
         return "WHERE abstained = 1", ()
-    return "WHERE label = ? AND abstained = 0", (label,)
+    return "WHERE label = ? AND abstained = 0 AND retake = 0", (label,)
 
 
 def _decode(row: sqlite3.Row) -> StoredResult:
@@ -360,6 +461,9 @@ def _decode(row: sqlite3.Row) -> StoredResult:
     data["has_heatmap"] = bool(data["has_heatmap"])
     data["probabilities"] = json.loads(data["probabilities"])
     data["timings"] = json.loads(data["timings"])
+    data["tiles"] = tuple(json.loads(data["tiles"])) if data.get("tiles") else ()
+    data["quality"] = json.loads(data["quality"]) if data.get("quality") else None
+    data["retake"] = bool(data.get("retake") or 0)
     return StoredResult(**data)
 
 
@@ -373,11 +477,16 @@ def csv_safe(value: object) -> object:
 def csv_rows(results: Iterable[StoredResult], classes: list[str]) -> Iterator[list]:
     """Header then one row per result, probability columns in ``classes`` order."""
     yield ["id", "created", "source", "filename", "label", "predicted", "confidence", "abstained", "ood_score",
-           "latency_ms", "model_name", "model_version", *[f"p_{c}" for c in classes]]
+           "latency_ms", "model_name", "model_version", "retake", "quality_reasons", "um_per_px", "scale_source",
+           "tiles_used", "tiles", *[f"p_{c}" for c in classes]]
     for r in results:
         d = r.to_dict()
+        reasons = ";".join(str(x) for x in (r.quality or {}).get("reasons") or ())
         yield [csv_safe(v) for v in (
             r.id, d["created"], r.source, r.filename, r.given_label or "", r.label, f"{r.confidence:.6f}",
             int(r.abstained),
             "" if r.ood_score is None else f"{r.ood_score:.6f}", f"{r.latency_ms:.3f}",
-            r.model_name, r.model_version, *[f"{r.probabilities.get(c, 0.0):.6f}" for c in classes])]
+            r.model_name, r.model_version, int(r.retake), reasons,
+            "" if r.um_per_px is None else f"{r.um_per_px:.6g}", r.scale_source or "",
+            sum(1 for t in r.tiles if t.get("used")), len(r.tiles),
+            *[f"{r.probabilities.get(c, 0.0):.6f}" for c in classes])]

@@ -60,10 +60,30 @@ def dequantize(values: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
     return (scale * (values.astype(np.int64) - zero_point)).astype(np.float32)
 
 
+def quantize_pixels(pixels: np.ndarray, dtype: np.dtype, scale: float, zero_point: int) -> np.ndarray:
+    """:func:`quantize` of uint8 pixels, by a 256-entry table of :func:`quantize` itself: the same values.
+
+    Why: a tiled camera frame feeds 20-50 inputs per capture, and the float64
+    round-trip costs ~0.5 ms per 160 px input, the table ~0.1 ms. When the table is a
+    plain shift (scale 1 without clipping: the usual image input, ``q = pixel - 128``
+    or ``q = pixel``) the shift is done in 8-bit arithmetic, ~0.01 ms: adding the
+    offset modulo 256 and reading the bits as the tensor's dtype gives the same numbers.
+    """
+    pixels = np.asarray(pixels)
+    dtype = np.dtype(dtype)
+    if pixels.dtype != np.uint8 or dtype == np.float32 or scale == 0.0:
+        return quantize(pixels, dtype, scale, zero_point)
+    table = quantize(np.arange(256), dtype, scale, zero_point)
+    offset = table.astype(np.int64) - np.arange(256)
+    if (offset == offset[0]).all():
+        return (pixels + np.uint8(offset[0] % 256)).view(dtype)
+    return np.take(table, pixels)
+
+
 def set_input(interpreter, details: dict, pixels: np.ndarray) -> None:
     """Feed one HxWx3 uint8 image (raw pixels: ``Rescaling`` is inside the model)."""
     scale, zero = quant_params(details)
-    batch = quantize(pixels[None, ...], details["dtype"], scale, zero)
+    batch = quantize_pixels(pixels[None, ...], details["dtype"], scale, zero)
     interpreter.set_tensor(details["index"], batch)
 
 

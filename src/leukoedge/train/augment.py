@@ -32,7 +32,19 @@ Operations (per image, on float32 0..255 RGB):
 - cell-centred crop (``cell_crop``, a probability): a square of
   :data:`CELL_CROP_SIDE` of the field, centred on a random white-cell pixel,
   scaled up to the input size, so the net also sees cells large and with
-  little field around them.
+  little field around them;
+- scale jitter (``scale_jitter`` F, ``leukoedge train --scale-jitter``, off in
+  every recipe): the whole image zoomed by a factor drawn uniformly from
+  [1 - F, 1 + F] about its centre (:func:`scale_jitter`). The device brings a
+  capture to the training um/px before tiling it (issue 15), so what is left
+  is the calibration's own error, a few percent; a model trained with a
+  +-15 % jitter does not depend on it. Zooming in is a central crop resized up;
+  zooming out shrinks the image and fills the margin with the image's own
+  background colour (the median of its border pixels), not a reflection: a
+  mirrored margin would invent half cells that no capture contains, and the
+  device's tiles of a small capture are padded, not mirrored, too. It runs
+  before the other geometric operations, so the affine ``zoom`` (reflected
+  borders, +-8 % in ``default``) comes on top.
 
 Background swap and cell crops need a white-cell mask per training image;
 the pipeline computes them once on the as-captured images (see
@@ -70,6 +82,8 @@ class AugmentConfig:
         grayscale: probability of replacing an image by its luma.
         background: probability of a background swap with another training image.
         cell_crop: probability of a crop centred on a white cell.
+        scale_jitter: max relative zoom F of the scale jitter (0 = off, the default of
+            every recipe; ``--scale-jitter`` sets it); see :func:`scale_jitter`.
     """
 
     flip: bool = True
@@ -86,6 +100,7 @@ class AugmentConfig:
     grayscale: float = 0.0
     background: float = 0.0
     cell_crop: float = 0.0
+    scale_jitter: float = 0.0
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.grayscale <= 1.0) or not (0.0 <= self.hed < 1.0):
@@ -99,6 +114,9 @@ class AugmentConfig:
                 raise UsageError(f"augmentation {name} must be >= 0, got {getattr(self, name)}")
         if self.zoom >= 0.5 or self.shift >= 0.5 or self.hue > 0.5:
             raise UsageError("augmentation zoom/shift must be < 0.5 and hue <= 0.5")
+        if not (0.0 <= self.scale_jitter < 0.5):  # also false for NaN
+            raise UsageError(f"--scale-jitter must be a fraction in [0, 0.5), got {self.scale_jitter}",
+                             hint="0.15 zooms each training image by a random factor between 0.85 and 1.15")
 
     @property
     def enabled(self) -> bool:
@@ -136,11 +154,18 @@ RECIPES: dict[str, AugmentConfig] = {
 CELL_CROP_SIDE = (0.4, 0.7)
 
 
-def recipe(name: str) -> AugmentConfig:
+def recipe(name: str, scale_jitter: float = 0.0) -> AugmentConfig:
+    """The named recipe, with the scale jitter ``scale_jitter`` (0 = off) on top."""
     try:
-        return RECIPES[name]
+        base = RECIPES[name]
     except KeyError:
         raise UsageError(f"unknown augmentation recipe {name!r}; use one of {', '.join(RECIPES)}") from None
+    return replace(base, scale_jitter=float(scale_jitter)) if scale_jitter else base
+
+
+def run_recipe(augmentation: dict) -> AugmentConfig:
+    """The recipe a run trains with, from its ``config.json["augmentation"]`` (no jitter in older runs)."""
+    return recipe(augmentation.get("recipe", "default"), float(augmentation.get("scale_jitter") or 0.0))
 
 
 def augment_image(image, seed, cfg: AugmentConfig):
@@ -151,6 +176,8 @@ def augment_image(image, seed, cfg: AugmentConfig):
     if cfg.flip:
         image = tf.image.stateless_random_flip_left_right(image, seeds[0])
         image = tf.image.stateless_random_flip_up_down(image, seeds[1])
+    if cfg.scale_jitter:
+        image = scale_jitter(image, seeds[10], cfg.scale_jitter)
     if cfg.rot90:
         k = tf.random.stateless_uniform([], seeds[2], 0, 4, dtype=tf.int32)
         image = tf.image.rot90(image, k)
@@ -233,6 +260,36 @@ def cell_centred_crop(image, mask, seed):
         return tf.image.crop_and_resize(image[None], box[None], [0], tf.stack([h, w]), method="bilinear")[0]
 
     return tf.cond(tf.shape(cells)[0] > 0, crop, lambda: image)
+
+
+def scale_jitter(image, seed, jitter: float):
+    """Zoom float32 HxWx3 ``image`` about its centre by a factor drawn from [1 - jitter, 1 + jitter].
+
+    One bilinear ``crop_and_resize`` of a centred box of side 1/factor (in
+    image units): a factor above 1 samples a central crop (cells larger), below
+    1 a box larger than the image, whose outside is the fill. The fill is the
+    per-channel median of the image's border pixels (its background); the
+    image is shifted by it so ``crop_and_resize``'s scalar extrapolation value
+    can stand for a colour.
+    """
+    import tensorflow as tf
+
+    factor = tf.random.stateless_uniform([], seed, 1.0 - jitter, 1.0 + jitter)
+    half = 0.5 / factor
+    box = tf.stack([0.5 - half, 0.5 - half, 0.5 + half, 0.5 + half])
+    fill = border_colour(image)
+    out = tf.image.crop_and_resize((image - fill)[None], box[None], [0], tf.shape(image)[:2], method="bilinear",
+                                   extrapolation_value=0.0)[0]
+    return out + fill
+
+
+def border_colour(image):
+    """Per-channel median of the outermost pixel ring of float32 HxWx3 ``image`` (its background colour)."""
+    import tensorflow as tf
+
+    ring = tf.concat([image[0], image[-1], image[1:-1, 0], image[1:-1, -1]], axis=0)  # (2W + 2H - 4, 3)
+    ordered = tf.sort(ring, axis=0)
+    return ordered[tf.shape(ordered)[0] // 2]
 
 
 def _hed(image, seed, strength: float):

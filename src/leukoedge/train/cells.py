@@ -1,108 +1,18 @@
-"""Where the white cells are: a nucleus-colour mask in numpy, for the audit and for training.
+"""White-cell masks for training and the audit: the mask itself lives in :mod:`leukoedge.cells`.
 
-The shortcut audit flattens the background around white cells and measures
-how much heatmap mass falls on them; the ``cells`` augmentation recipe swaps
-the background around them between training images and crops around them.
-Both need the same answer to "which pixels are white cells", so it lives here,
-once. It is a colour rule (Wright-Giemsa nuclei absorb green): it is computed
-on as-captured colour images, never on grayscale ones, and it is not part of
-the device's preprocessing.
+Re-exported here so training code keeps one import; the batch helper with its
+progress bar is the only thing that belongs to training.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, ImageFilter
 from tqdm import tqdm
 
-from .. import stain
+from ..cells import label_components, nucleus_score, otsu_threshold, white_cell_mask
 
-
-def _filter(mask: np.ndarray, flt: ImageFilter.Filter) -> np.ndarray:
-    img = Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
-    return np.asarray(img.filter(flt)) > 127
-
-
-def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """4-connected component labels (0 = background, 1..n) by min-label propagation with pointer jumping."""
-    h, w = mask.shape
-    big = h * w + 1
-    lab = np.where(mask, np.arange(1, h * w + 1).reshape(h, w), big)
-    while True:
-        prev = lab
-        nb = lab.copy()
-        nb[1:, :] = np.minimum(nb[1:, :], lab[:-1, :])
-        nb[:-1, :] = np.minimum(nb[:-1, :], lab[1:, :])
-        nb[:, 1:] = np.minimum(nb[:, 1:], lab[:, :-1])
-        nb[:, :-1] = np.minimum(nb[:, :-1], lab[:, 1:])
-        nb = np.where(mask, nb, big)
-        # Pointer jumping: follow each pixel's label to the label of the pixel it names.
-        flat = np.append(nb.ravel(), big)
-        nb = np.where(mask, flat[np.minimum(nb, big) - 1], big)
-        lab = nb
-        if np.array_equal(lab, prev):
-            break
-    roots, inv = np.unique(lab[mask], return_inverse=True)
-    out = np.zeros((h, w), dtype=np.int64)
-    out[mask] = inv + 1
-    return out, int(roots.size)
-
-
-def nucleus_score(rgb: np.ndarray) -> np.ndarray:
-    """``(B - G) + min(R - G, B - G)``: high for violet/purple/magenta nuclei, low for background and red cells.
-
-    Wright-Giemsa nuclei absorb green strongly: both ``B - G`` and ``R - G`` are
-    positive (dark-violet nuclei ~150, pale magenta Pro-B blasts ~90). ``B - G``
-    alone also rises on the grey-blue and teal red cells of bluish-lit Taleqani
-    fields (R <= G there: the second term pulls them down, to <= ~55), and
-    ``R - G`` alone rises on pink red cells (R >> B: capping it at ``B - G`` keeps
-    them low). Checked by eye on 24 Taleqani fields of all four classes at 160 px;
-    ``B - G`` alone outlined red-cell clusters instead of the blasts in Pre-B fields.
-    """
-    x = stain.check_rgb(rgb).astype(np.float64)
-    bg, rg = x[..., 2] - x[..., 1], x[..., 0] - x[..., 1]
-    return bg + np.minimum(rg, bg)
-
-
-def _otsu(values: np.ndarray) -> float:
-    hist, edges = np.histogram(values, bins=256)
-    centres = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centres)
-    mu0 = m0 / np.maximum(w0, 1)
-    mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
-    return float(centres[np.argmax(w0 * w1 * (mu0 - mu1) ** 2)])
-
-
-def white_cell_mask(
-    rgb: np.ndarray, min_score: float = 60.0, keep_fraction: float = 0.05, dilate_fraction: float = 0.03,
-    min_area_fraction: float = 0.0015,
-) -> np.ndarray:
-    """Boolean mask of white cells: nucleus thresholding, clean-up, component filter, dilation.
-
-    Threshold: Otsu on :func:`nucleus_score`, but never below ``min_score`` (an
-    image without nuclei gives an empty mask, not red cells or noise). Opening
-    (3x3 min then max) removes specks; components smaller than
-    ``min_area_fraction`` of the image (platelets, debris) or than
-    ``keep_fraction`` of the largest are dropped; a max filter of
-    ``dilate_fraction`` of the short side adds the cytoplasm rim around each nucleus.
-    """
-    score = nucleus_score(rgb)
-    thr = max(_otsu(score), min_score)
-    mask = score > thr
-    mask = _filter(_filter(mask, ImageFilter.MinFilter(3)), ImageFilter.MaxFilter(3))
-    if not mask.any():
-        return mask
-    labels, n = label_components(mask)
-    areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    keep = np.flatnonzero(areas >= max(keep_fraction * areas.max(), min_area_fraction * mask.size)) + 1
-    mask = np.isin(labels, keep)
-    size = 2 * int(round(dilate_fraction * min(mask.shape) / 2)) + 1
-    if size >= 3:
-        mask = _filter(mask, ImageFilter.MaxFilter(size))
-    return mask
+__all__ = ["label_components", "nucleus_score", "otsu_threshold", "white_cell_mask", "white_cell_masks_of"]
 
 
 def white_cell_masks_of(images: Sequence[np.ndarray], desc: str = "white-cell masks") -> np.ndarray:

@@ -4,6 +4,12 @@
 summarises them in ``RUN/cv.json`` and ``RUN/model_card.md`` (:mod:`.folds`);
 ``--folds 1`` or no ``--folds`` is one run.
 
+The training scale (um/px of the training images) is ``--um-per-px`` or
+measured on the training split's red cells (``--rbc-um``); it goes into the
+run, the card and the bundle so the device can tile captures at it.
+``--scale-jitter F`` zooms training images by up to +-F for the residual
+calibration error (:mod:`.training_scale`, :func:`.augment.scale_jitter`).
+
 TensorFlow is imported inside the handler only, so ``leukoedge --help`` stays instant.
 """
 from __future__ import annotations
@@ -49,6 +55,15 @@ def register(subparsers) -> None:
                    help="colour-consistency loss: each image is shown twice in its batch, differing only in colour, "
                         "and WEIGHT x the Jensen-Shannon divergence of the two predictions is added (0 = off, "
                         "default; try 10 with --augment robust; doubles the images per step)")
+    p.add_argument("--um-per-px", type=float, metavar="X",
+                   help="micrometres per pixel of the training images as stored (e.g. from a stage micrometer); "
+                        "default: measured on the training split's red cells. Recorded in the run, the model card "
+                        "and the bundle, so the device brings captures to this scale and tiles them")
+    p.add_argument("--rbc-um", type=float, metavar="UM",
+                   help="red-cell diameter in micrometres that the measured scale assumes (default 7.5)")
+    p.add_argument("--scale-jitter", type=float, metavar="F",
+                   help="zoom each training image by a random factor in [1-F, 1+F] (e.g. 0.15), so a device "
+                        "calibration a few percent off does not matter; 0 = off (default)")
     p.add_argument("--patience", type=int, default=8, help="early-stopping patience in epochs (default 8)")
     p.add_argument("--select", metavar="val_loss|val_accuracy",
                    help="which epoch model.keras keeps (and early stopping watches): lowest val_loss, or highest "
@@ -74,6 +89,9 @@ def run(args: argparse.Namespace) -> int:
                          hint="leukoedge train --data DIR --model NAME --out RUN_DIR (or --list-models)")
     if args.no_augment and args.augment and args.augment != "none":
         raise UsageError(f"--no-augment contradicts --augment {args.augment}")
+    if args.no_augment and args.scale_jitter:
+        raise UsageError(f"--no-augment contradicts --scale-jitter {args.scale_jitter:g}",
+                         hint="use --augment none --scale-jitter F for the scale jitter alone")
     from ..data.split import check_folds
     from .rundir import RunDir
 
@@ -95,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch, learning_rate=args.lr, input_size=args.input_size, seed=args.seed,
         augment="none" if args.no_augment else args.augment, colour=args.colour, resume=args.resume, patience=args.patience,
         distribute=args.distribute, ood_dirs=tuple(args.ood), consistency=args.consistency, audit=not args.no_audit,
-        select=args.select)
+        select=args.select, um_per_px=args.um_per_px, rbc_um=args.rbc_um, scale_jitter=args.scale_jitter)
     if cv_run or folds:
         return _cross_validate(opts, folds, args.folds)
     result = train(opts)
@@ -106,6 +124,11 @@ def run(args: argparse.Namespace) -> int:
             warn = f"  COLLAPSED: {', '.join(m['collapsed_classes'])}" if m["collapsed_classes"] else ""
             print(f"{split}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
                   f"({m['split_kind']} split){warn}")
+    scale = RunDir(result["run_dir"]).config().scale
+    from .training_scale import how_obtained
+
+    um = scale.get("um_per_px")
+    print(f"training scale: {'unknown' if um is None else f'{um:.4g} um/px'} ({how_obtained(scale)})")
     print(f"run directory: {result['run_dir']}")
     return 0
 

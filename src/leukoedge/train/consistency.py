@@ -40,8 +40,9 @@ PAIR_VIEW = AugmentConfig(flip=False, rot90=False, rotation_deg=0.0, shift=0.0, 
 
 
 def colour_only(cfg: AugmentConfig) -> AugmentConfig:
-    """The colour part of a recipe (geometry switched off)."""
-    return replace(cfg, flip=False, rot90=False, rotation_deg=0.0, shift=0.0, zoom=0.0, shear_deg=0.0)
+    """The colour part of a recipe (geometry, scale jitter included, switched off)."""
+    return replace(cfg, flip=False, rot90=False, rotation_deg=0.0, shift=0.0, zoom=0.0, shear_deg=0.0,
+                   scale_jitter=0.0)
 
 
 def geometry_only(cfg: AugmentConfig) -> AugmentConfig:

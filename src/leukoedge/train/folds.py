@@ -9,7 +9,9 @@ blocks, or whole groups, with duplicate clusters kept together), so the
 report is a mean, a spread and a pooled confusion matrix over all images.
 
 How: each fold is an ordinary run directory ``RUN/fold-k/`` trained and
-evaluated by :func:`.trainer.train` with the same options, so a fold's card,
+evaluated by :func:`.trainer.train` with the same options (a measured
+training scale is measured on each fold's own training split and recorded in
+its ``config.json``; ``--um-per-px`` applies to every fold), so a fold's card,
 metrics, plots, audit and ``convert`` work exactly as for a single run. The
 fold manifests and the options are saved in ``RUN`` first (``folds/``,
 ``cv_config.json``), so ``--resume`` needs only ``RUN``: it skips finished
@@ -55,9 +57,11 @@ log = logging.getLogger(__name__)
 CV_VERSION = 1
 #: TrainOptions fields saved in cv_config.json (the rest are per fold or per invocation).
 SAVED_OPTIONS = ("model", "data_root", "epochs", "batch_size", "learning_rate", "input_size", "seed", "augment",
-                 "colour", "patience", "distribute", "ood_dirs", "audit", "consistency", "select")
+                 "colour", "patience", "distribute", "ood_dirs", "audit", "consistency", "select", "um_per_px",
+                 "rbc_um", "scale_jitter")
 #: Options a --resume may repeat but not change (as for a single run's --resume).
-FIXED_ON_RESUME = ("model", "epochs", "batch_size", "learning_rate", "input_size", "colour", "consistency", "select")
+FIXED_ON_RESUME = ("model", "epochs", "batch_size", "learning_rate", "input_size", "colour", "consistency", "select",
+                   "um_per_px", "rbc_um", "scale_jitter")
 
 
 def train_folds(opts: "TrainOptions", folds: Sequence[Manifest] | None = None) -> dict:

@@ -9,7 +9,7 @@ Layout::
 
     RUN_DIR/
       config.json        RunConfig: model name, input size, classes, seed, hyper-parameters,
-                         augmentation recipe, data root, leukoedge/TF versions
+                         augmentation recipe, data root, training scale (um/px), leukoedge/TF versions
       manifest.json      the split manifest used (a copy, so the run survives the original moving)
       model.keras        kept checkpoint (by the run's --select criterion; history.json says which epoch)
       last.keras         last epoch (for --resume)
@@ -45,7 +45,13 @@ from ..preprocess import PreprocessSpec
 
 @dataclass(frozen=True)
 class RunConfig:
-    """What was trained and how; written once at the start of a run."""
+    """What was trained and how; written once at the start of a run.
+
+    ``scale`` is the training images' pixel size (see :mod:`.training_scale`):
+    ``{"um_per_px": float | None, "source": "given" | "measured" | "unknown",
+    "source_size": [h, w], "n_images": N, ...}``; empty in runs made before it
+    was recorded, which then have no scale (as do their bundles).
+    """
 
     model: str
     input_size: int
@@ -58,10 +64,22 @@ class RunConfig:
     data_root: str = ""
     extra: dict = field(default_factory=dict)
     colour: str = "as-captured"
+    scale: dict = field(default_factory=dict)
 
     @property
     def preprocess_spec(self) -> PreprocessSpec:
-        return PreprocessSpec.square(self.input_size, self.colour)
+        """The one preprocessing spec of the run, with the training scale when it is known."""
+        spec = PreprocessSpec.square(self.input_size, self.colour)
+        um = (self.scale or {}).get("um_per_px")
+        if um is None:
+            return spec
+        size = self.scale.get("source_size")
+        return spec.with_scale(um, tuple(size) if size else None)
+
+    @property
+    def scale_jitter(self) -> float:
+        """The run's scale-jitter augmentation (0 = off, and for runs made before it existed)."""
+        return float((self.augmentation or {}).get("scale_jitter") or 0.0)
 
     def to_dict(self) -> dict:
         d = asdict(self)

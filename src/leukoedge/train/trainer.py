@@ -33,6 +33,11 @@ arrays -> tf.data -> model -> fit -> history -> evaluation. Choices:
 - Checkpoints: best by the selection criterion -> ``model.keras``; every epoch ->
   ``last.keras`` (with optimizer state) + ``state.json``; both written
   atomically (temp + rename).
+- Scale (issue 15): a new run records the training images' um/px in
+  ``config.json["scale"]``, given (``um_per_px``) or measured on the TRAINING
+  split's red cells (:mod:`.training_scale`); a failed measurement is a
+  warning and an unknown scale, never a failed run. The spec, the card and the
+  bundle carry it; the pixels trained on do not depend on it.
 - Devices: ``MirroredStrategy`` over all GPUs when there are several, mixed
   float16 when any GPU is present (the ``probabilities`` layer stays float32);
   plain CPU otherwise. ``distribute="mirrored"`` forces MirroredStrategy over
@@ -64,11 +69,12 @@ from ..data.records import Manifest
 from ..errors import DatasetError, LeukoEdgeError, UsageError
 from ..files import atomic_path, write_json
 from ..preprocess import PreprocessSpec
-from .augment import recipe
+from .augment import recipe, run_recipe
 from .consistency import PairedConsistencyLoss, check_replicas, check_weight, describe
 from .dataset import (ImageCache, class_weights, eval_dataset, load_split, steps_per_epoch, train_dataset,
                       white_cell_masks)
 from .rundir import RunConfig, RunDir, read_json
+from .training_scale import check_rbc_um, check_um_per_px, training_scale
 
 log = logging.getLogger(__name__)
 DISTRIBUTE = ("auto", "mirrored", "none")
@@ -105,6 +111,11 @@ class TrainOptions:
             what the model reads; off = the card tells how to run it later.
         consistency: weight of the colour-consistency loss (:mod:`.consistency`); 0 = off,
             None = 0 for a new run and the run's own value on resume.
+        um_per_px: the training images' pixel size in micrometres (``--um-per-px``); None =
+            measure it on the training split's red cells (:mod:`.training_scale`).
+        rbc_um: red-cell diameter the measurement assumes (``--rbc-um``; None = 7.5 um).
+        scale_jitter: max relative zoom of the scale-jitter augmentation (``--scale-jitter``,
+            e.g. 0.15); None = 0 (off) for a new run and the run's own value on resume.
     """
 
     out: Path
@@ -126,8 +137,17 @@ class TrainOptions:
     audit: bool = True
     consistency: float | None = None
     select: str | None = None
+    um_per_px: float | None = None
+    rbc_um: float | None = None
+    scale_jitter: float | None = None
 
     def __post_init__(self) -> None:
+        check_um_per_px(self.um_per_px)
+        check_rbc_um(self.rbc_um)
+        if self.um_per_px is not None and self.rbc_um is not None:
+            raise UsageError("--rbc-um applies to a measured scale, and --um-per-px gives it", hint="drop one of them")
+        if self.scale_jitter is not None:
+            recipe("none", self.scale_jitter)  # validates the range
         if self.select is not None and self.select not in SELECT_CHOICES:
             raise UsageError(f"--select must be one of {', '.join(SELECT_CHOICES)}, got {self.select!r}",
                              hint=f"the default, {DEFAULT_SELECT}, was chosen on small data (see the README)")
@@ -147,8 +167,8 @@ class TrainOptions:
             raise UsageError("a manifest is needed to start a run", hint="pass --manifest M")
 
 
-def resolve_config(opts: TrainOptions) -> RunConfig:
-    """Fill registry defaults and freeze what will be trained."""
+def resolve_config(opts: TrainOptions, scale: dict | None = None) -> RunConfig:
+    """Fill registry defaults and freeze what will be trained; ``scale`` is the training-scale record."""
     import tensorflow as tf
 
     from ..models import get_entry
@@ -156,7 +176,7 @@ def resolve_config(opts: TrainOptions) -> RunConfig:
     entry = get_entry(opts.model)
     manifest = opts.manifest
     aug_name = opts.augment or entry.train.augment
-    aug = recipe(aug_name)
+    aug = recipe(aug_name, opts.scale_jitter or 0.0)
     weight = float(opts.consistency or 0.0)
     return RunConfig(
         model=opts.model,
@@ -169,6 +189,7 @@ def resolve_config(opts: TrainOptions) -> RunConfig:
         augmentation={"recipe": aug_name, "enabled": aug.enabled, "where": "tf.data", **aug.to_dict()},
         data_root=str(Path(opts.data_root).resolve()) if opts.data_root else manifest.root,
         colour=PreprocessSpec.square(8, opts.colour or "as-captured").colour,
+        scale=dict(scale or {}),
         extra={"optimizer": entry.train.optimizer, "patience": opts.patience, "schedule": "cosine per epoch to 1 %",
                "select": opts.select or DEFAULT_SELECT,
                "loss": "sparse categorical cross-entropy, class-weighted" + (
@@ -189,6 +210,13 @@ def _check_resume(opts: TrainOptions, config: RunConfig) -> None:
         clashes.append(f"consistency={opts.consistency:g} (run has {consistency_weight(config):g})")
     if opts.select is not None and opts.select != selection(config):
         clashes.append(f"select={opts.select} (run has {selection(config)})")
+    if opts.scale_jitter is not None and opts.scale_jitter != config.scale_jitter:
+        clashes.append(f"scale_jitter={opts.scale_jitter:g} (run has {config.scale_jitter:g})")
+    recorded = (config.scale or {}).get("um_per_px")
+    if opts.um_per_px is not None and opts.um_per_px != recorded:
+        clashes.append(f"um_per_px={opts.um_per_px:g} (run has {recorded}, {(config.scale or {}).get('source')})")
+    if opts.rbc_um is not None and opts.rbc_um != (config.scale or {}).get("rbc_um"):
+        clashes.append(f"rbc_um={opts.rbc_um:g} (run has {(config.scale or {}).get('rbc_um')})")
     if clashes:
         raise UsageError(f"--resume with options that differ from the run: {', '.join(clashes)}",
                          hint="drop those options, or start a new run with another --out")
@@ -230,7 +258,10 @@ def _open_run(opts: TrainOptions, rd: RunDir) -> tuple[RunConfig, Manifest, dict
             raise UsageError(f"{rd.path} already holds a training run",
                              hint="pass --resume to continue it, or choose another --out")
         manifest = opts.manifest if opts.data_root is None else opts.manifest.with_root(opts.data_root)
-        config = resolve_config(opts)
+        train_paths = [manifest.resolve(e) for e in manifest.subset("train")]
+        scale = training_scale(train_paths, um_per_px=opts.um_per_px, rbc_um=opts.rbc_um,
+                               progress=sys.stderr.isatty())
+        config = resolve_config(opts, scale)
         state = {"epoch": -1, "best_val_loss": None, "best_val_accuracy": None, "best_epoch": None, "wait": 0,
                  "history": {}, "train_seconds": 0.0}
     if state.get("finished"):
@@ -331,6 +362,8 @@ def train(opts: TrainOptions) -> dict:
         raise UsageError(f"--batch {config.batch_size} is larger than the {len(y_train)} training images")
     log.info("training %s (%d params) on %d images, validating on %d, %s, epochs %d..%d",
              config.model, model.count_params(), len(y_train), len(y_val), devices, first + 1, config.epochs)
+    log.info("training scale: %s%s", "unknown" if spec.um_per_px is None else f"{spec.um_per_px:.4g} um/px",
+             f"; scale jitter +-{100 * config.scale_jitter:.0f} %" if config.scale_jitter else "")
     checkpoint = RunCheckpoint(rd, state, opts.patience, config)
     callbacks = [
         keras.callbacks.LearningRateScheduler(lambda e, _lr: cosine_lr(e, config.epochs, config.learning_rate)),
@@ -340,7 +373,7 @@ def train(opts: TrainOptions) -> dict:
         TqdmProgress(steps, config.epochs),
     ]
     if first < config.epochs:
-        aug = recipe(config.augmentation.get("recipe", "default"))
+        aug = run_recipe(config.augmentation)
         masks = white_cell_masks(manifest, "train", spec, cache, root) if aug.needs_cells else None
         ds = train_dataset(x_train, y_train, batch_size=config.batch_size, seed=config.seed, first_epoch=first,
                            last_epoch=config.epochs, augment=aug, paired=paired, drop_remainder=drop_remainder,

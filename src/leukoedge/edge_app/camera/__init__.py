@@ -5,6 +5,9 @@
 ``auto`` tries ``picamera2``, then ``opencv``, then settles for upload mode,
 recording why each failed; an explicit backend that fails also falls back to
 upload mode with the reason. A missing or failing camera never stops the app.
+
+:class:`CameraLock` (``lock.py``) fixes a camera's exposure and white balance
+and keeps them in the data folder across restarts.
 """
 from __future__ import annotations
 
@@ -12,10 +15,12 @@ import logging
 from pathlib import Path
 
 from ...errors import CameraError, UsageError
-from .base import Camera, CameraHealth, CameraStatus, encode_jpeg
+from .base import Camera, CameraHealth, CameraSettingsUnsupportedError, CameraStatus, LockableCamera, encode_jpeg
+from .lock import CameraLock
 from .stream import FrameBroadcaster
 
-__all__ = ["Camera", "CameraHealth", "CameraStatus", "FrameBroadcaster", "encode_jpeg", "open_camera", "parse_camera_spec"]
+__all__ = ["Camera", "CameraHealth", "CameraLock", "CameraSettingsUnsupportedError", "CameraStatus",
+           "FrameBroadcaster", "LockableCamera", "encode_jpeg", "open_camera", "parse_camera_spec"]
 
 log = logging.getLogger(__name__)
 AUTO_ORDER = ("picamera2", "opencv")

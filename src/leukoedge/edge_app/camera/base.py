@@ -5,6 +5,10 @@ uint8 RGB, what gets classified), :meth:`Camera.preview_jpeg` (a small JPEG
 frame for the live MJPEG preview) and :meth:`Camera.close`. Backends are
 thread-safe (one lock around the device) because the preview producer thread
 and capture requests share one camera, created once per process.
+
+A real camera also implements :class:`LockableCamera` (fixed exposure and white
+balance, see :mod:`.lock`); one that cannot, like the replay camera, raises
+:class:`CameraSettingsUnsupportedError` from those methods so the user reads why.
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
+
+from ...errors import CameraError
 
 #: Longest side of preview frames; small keeps the MJPEG stream light on a Pi.
 PREVIEW_MAX_SIDE = 640
@@ -35,6 +41,34 @@ class Camera(Protocol):
 
     def close(self) -> None:
         """Release the device; safe to call twice."""
+
+
+class CameraSettingsUnsupportedError(CameraError):
+    """This camera cannot fix its exposure or white balance (replay folder, a USB camera without the controls).
+
+    409, not CameraError's 503: the camera works, the request does not fit it, and retrying will not help.
+    """
+
+    http_status = 409
+
+
+@runtime_checkable
+class LockableCamera(Protocol):
+    """A camera whose automatic exposure and white balance can be switched off and on.
+
+    ``settings`` are backend-specific, JSON-ready dicts (picamera2: libcamera control
+    names; OpenCV: the ``CAP_PROP_*`` values) so that what :meth:`lock_exposure`
+    returns can be stored and given back to :meth:`apply_settings` after a restart.
+    """
+
+    def lock_exposure(self) -> dict:
+        """Read the current automatic exposure / gain / white balance, fix them, return them."""
+
+    def unlock(self) -> None:
+        """Switch automatic exposure and white balance back on."""
+
+    def apply_settings(self, settings: dict) -> None:
+        """Fix exposure and white balance at ``settings`` (what :meth:`lock_exposure` returned)."""
 
 
 @dataclass(frozen=True)
@@ -136,8 +170,6 @@ def encode_jpeg(rgb: np.ndarray, *, max_side: int | None = PREVIEW_MAX_SIDE, qua
 
 def as_rgb(frame: np.ndarray, *, source: str) -> np.ndarray:
     """Validate a backend frame: uint8 HxWx3, or HxWx4 with the 4th byte dropped."""
-    from ...errors import CameraError
-
     arr = np.asarray(frame)
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] not in (3, 4) or arr.size == 0:
         raise CameraError(f"{source} returned an unusable frame ({arr.dtype} {arr.shape})")

@@ -6,7 +6,8 @@ file classifies exactly like the same file uploaded. The preview shows the
 image the next capture will return.
 
 What can fail, as :class:`~leukoedge.errors.CameraError`: the folder missing
-or holding no readable images.
+or holding no readable images; locking exposure and white balance, which stored
+images do not have (:class:`~.base.CameraSettingsUnsupportedError`).
 """
 from __future__ import annotations
 
@@ -18,13 +19,15 @@ import numpy as np
 from ...errors import CameraError, InvalidImageError
 from ...files import IMAGE_SUFFIXES, image_files
 from ...preprocess import load_image
-from .base import PREVIEW_MAX_SIDE, encode_jpeg
+from .base import PREVIEW_MAX_SIDE, CameraSettingsUnsupportedError, encode_jpeg
 
 
 class ReplayCamera:
     """Serves the images of ``folder`` in sorted order, forever."""
 
     name = "replay"
+    #: Why locking is refused (read by :func:`.lock.unsupported_reason` before anything is tried).
+    lock_unsupported = "the replay camera shows stored images, which have no exposure or white balance to lock"
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
@@ -68,6 +71,19 @@ class ReplayCamera:
 
     def close(self) -> None:
         """Nothing to release."""
+
+    def lock_exposure(self) -> dict:
+        raise self._no_settings()
+
+    def unlock(self) -> None:
+        raise self._no_settings()
+
+    def apply_settings(self, settings: dict) -> None:
+        raise self._no_settings()
+
+    def _no_settings(self) -> CameraSettingsUnsupportedError:
+        return CameraSettingsUnsupportedError(
+            self.lock_unsupported, hint="lock the settings on the microscope's camera (--camera picamera2 or opencv)")
 
     @staticmethod
     def _load(path: Path) -> np.ndarray:

@@ -2,6 +2,10 @@
 
     curl -F image=@cell.jpg http://127.0.0.1:8080/api/classify
     curl -H "Authorization: Bearer $T" -F image=@cell.jpg http://pi:8080/api/classify
+    curl -F image=@field.jpg -F um_per_px=0.08 http://127.0.0.1:8080/api/classify   # this file's scale
+
+Without ``um_per_px`` an upload is classified at the station's calibration
+(``/api/scale``), or at the scale estimated from its red cells when there is none.
 
 Errors come back as ``{"error": {"type", "message", "hint", "status"}}`` from
 the app's one error handler.
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify, request
 
+from ..calibration import checked_um_per_px
 from .common import int_arg, read_uploads, result_json, state
 
 bp = Blueprint("api", __name__, url_prefix="/api")
@@ -18,8 +23,10 @@ MAX_PAGE = 500
 
 @bp.post("/classify")
 def classify():
+    raw_scale = request.form.get("um_per_px", "").strip()
+    um_per_px = checked_um_per_px(raw_scale) if raw_scale else None  # 422 before anything is read
     (name, stream), = read_uploads(request.files, "image", limit=1)
-    result = state().service.classify_upload(stream, name)
+    result = state().service.classify_upload(stream, name, um_per_px=um_per_px)
     return jsonify(result_json(result)), 201
 
 

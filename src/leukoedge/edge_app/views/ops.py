@@ -6,7 +6,9 @@ import time
 from flask import Blueprint, Response, jsonify
 
 from ... import RESEARCH_NOTICE, __version__
+from .camera import lock_state
 from .common import state
+from .scale import scale_status
 
 bp = Blueprint("ops", __name__)
 
@@ -21,6 +23,7 @@ def health():
     camera["available"] = camera["opened"] and live["state"] != "failing"
     camera.update(live)
     camera["viewers"] = st.broadcaster.viewers if st.broadcaster is not None else 0
+    camera["lock"] = lock_state()  # exposure / white balance lock (views/camera.py)
     return jsonify({
         "status": "ok" if camera["available"] or not camera["opened"] else "degraded",
         "version": __version__,
@@ -28,6 +31,7 @@ def health():
         "model": st.service.model_info,
         "camera": camera,
         "storage": {"results": st.store.count()},
+        "scale": scale_status(),
         "security": {"token_required": st.config.requires_token, "loopback_only": st.config.loopback_only},
         "research_notice": RESEARCH_NOTICE,
     })

@@ -11,6 +11,15 @@ bp = Blueprint("ui", __name__)
 
 #: Shown instead of a label when the model abstains. Never a diagnosis.
 ABSTAIN_MESSAGE = "Not like the images this model was trained on: no label is given."
+#: Tile outline colours by class (in the bundle's label order); colour-blind-safe first (Okabe-Ito).
+TILE_PALETTE = ("#0072b2", "#d55e00", "#009e73", "#cc79a7", "#e69f00", "#56b4e9", "#f0e442", "#000000")
+#: How the result page words each scale source (Prediction.scale_source).
+SCALE_SOURCES = {
+    "given": "given",
+    "estimated": "estimated from this capture's red cells",
+    "bundle-unknown": "not used: this model does not record its training scale, so the frame was stretched whole",
+    "estimate-failed": "could not be estimated from this capture (too few red cells); the frame was stretched whole",
+}
 
 
 @bp.get("/")
@@ -73,4 +82,28 @@ def result(result_id: str):
     if abstention.get("score") and abstention.get("threshold") is not None:
         abstention["side"] = abstain_side(abstention)
     return render_template("result.html", result=res, ranked=ranked, abstain_message=ABSTAIN_MESSAGE,
-                           abstention=abstention)
+                           abstention=abstention, tile_map=tile_map(res), scale_source=SCALE_SOURCES.get(
+                               res.scale_source or "", res.scale_source))
+
+
+def tile_map(res) -> dict | None:
+    """What the result page draws over the capture: one box per tile, coloured by its label.
+
+    Boxes are in the full-resolution image's pixels (``res.width`` x ``res.height``),
+    which is the SVG's viewBox, so they land right whatever size the image is shown at.
+    """
+    if not res.tiles:
+        return None
+    order = list(res.probabilities)
+    order += sorted({t.get("label") for t in res.tiles if t.get("label")} - set(order))
+    colours = {name: TILE_PALETTE[i % len(TILE_PALETTE)] for i, name in enumerate(order)}
+    tiles = []
+    for i, t in enumerate(res.tiles, start=1):
+        x, y, w, h = (list(t.get("box") or (0, 0, 0, 0)) + [0, 0, 0, 0])[:4]
+        label = t.get("label")
+        tiles.append({"n": i, "x": x, "y": y, "w": w, "h": h, "label": label, "confidence": t.get("confidence"),
+                      "used": bool(t.get("used")), "abstained": t.get("abstained"),
+                      "has_white_cell": bool(t.get("has_white_cell")), "colour": colours.get(label, "#7f7f7f")})
+    present = {t["label"] for t in tiles if t["label"]}
+    return {"width": max(1, res.width), "height": max(1, res.height), "tiles": tiles,
+            "used": sum(t["used"] for t in tiles), "legend": [(n, colours[n]) for n in order if n in present]}
