@@ -16,7 +16,12 @@ from PIL import Image, ImageFilter
 
 from . import stain
 
-__all__ = ["label_components", "nucleus_score", "otsu_threshold", "white_cell_mask"]
+__all__ = ["label_components", "nucleus_score", "otsu_threshold", "white_cell_mask", "white_cell_mask_per_field",
+           "MIN_SCORE", "MIN_AREA_FRACTION", "DILATE_FRACTION"]
+
+#: The mask's defaults: the lowest nucleus score that can count, the smallest kept component
+#: and the rim dilation (both fractions of the image the mask is computed on, i.e. of one field).
+MIN_SCORE, MIN_AREA_FRACTION, DILATE_FRACTION = 60.0, 0.0015, 0.03
 
 
 def _filter(mask: np.ndarray, flt: ImageFilter.Filter) -> np.ndarray:
@@ -77,8 +82,8 @@ def otsu_threshold(values: np.ndarray) -> float:
 
 
 def white_cell_mask(
-    rgb: np.ndarray, min_score: float = 60.0, keep_fraction: float = 0.05, dilate_fraction: float = 0.03,
-    min_area_fraction: float = 0.0015,
+    rgb: np.ndarray, min_score: float = MIN_SCORE, keep_fraction: float = 0.05, dilate_fraction: float = DILATE_FRACTION,
+    min_area_fraction: float = MIN_AREA_FRACTION,
 ) -> np.ndarray:
     """Boolean mask of white cells: nucleus thresholding, clean-up, component filter, dilation.
 
@@ -103,3 +108,17 @@ def white_cell_mask(
     if size >= 3:
         mask = _filter(mask, ImageFilter.MaxFilter(size))
     return mask
+
+
+def white_cell_mask_per_field(rgb: np.ndarray, field_size: tuple[int, int]) -> np.ndarray:
+    """:func:`white_cell_mask` of an image larger than one field, its size rules taken per ``field_size`` (h, w).
+
+    The smallest kept component and the rim are fractions of the image the mask is
+    given; on a capture showing many training fields they are rescaled so a white
+    cell is kept and outlined as it would be in one field (the rim capped at half
+    the short side).
+    """
+    h, w = rgb.shape[:2]
+    area = MIN_AREA_FRACTION * field_size[0] * field_size[1] / (h * w)
+    dilate = min(0.5, DILATE_FRACTION * min(field_size) / min(h, w))
+    return white_cell_mask(rgb, min_area_fraction=area, dilate_fraction=dilate)

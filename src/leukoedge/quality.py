@@ -42,7 +42,6 @@ documented at its constant below. numpy + Pillow only (runs on the Pi).
 """
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, fields
 from typing import Iterable
@@ -106,13 +105,6 @@ CLIP_HIGH_HEADROOM, CLIP_LOW_HEADROOM = 0.5, 0.25
 WHITE_CELL_QUANTILE, WHITE_CELL_MARGIN = 0.01, 0.3
 
 
-def _mask_default(name: str) -> float:
-    return float(inspect.signature(_cells.white_cell_mask).parameters[name].default)
-
-
-#: white_cell_mask's size rules, relative to the image it is given (rescaled to one field in white_cells).
-_MIN_AREA_FRACTION = _mask_default("min_area_fraction")
-_DILATE_FRACTION = _mask_default("dilate_fraction")
 
 
 #: Fields a quality section must hold (the others have defaults that turn nothing on).
@@ -279,9 +271,7 @@ def white_cells(rgb: np.ndarray, field_size: tuple[int, int] | None = None) -> n
     h, w = rgb.shape[:2]
     if field_size is None or h * w <= field_size[0] * field_size[1]:
         return _cells.white_cell_mask(rgb)
-    area = _MIN_AREA_FRACTION * field_size[0] * field_size[1] / (h * w)
-    dilate = _DILATE_FRACTION * min(field_size) / min(h, w)
-    return _cells.white_cell_mask(rgb, min_area_fraction=area, dilate_fraction=dilate)
+    return _cells.white_cell_mask_per_field(rgb, field_size)
 
 
 def _best_window_fraction(mask: np.ndarray, field_size: tuple[int, int] | None) -> float:

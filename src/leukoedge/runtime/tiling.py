@@ -40,14 +40,13 @@ whole capture.
 """
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
 
-from ..cells import nucleus_score, white_cell_mask
+from ..cells import MIN_AREA_FRACTION, MIN_SCORE, nucleus_score, white_cell_mask, white_cell_mask_per_field
 from ..errors import ScaleError, UsageError
 from ..preprocess import PreprocessSpec, resize
 
@@ -89,12 +88,6 @@ ESTIMATE_LONG_SIDE = 1000
 #: The white-cell mask is computed on the rescaled capture box-reduced so that a tile is about
 #: this many pixels (see :func:`white_cells`; a nucleus at 40 px per tile is still ~8-12 px across).
 MASK_TILE_PX = 40
-#: white_cell_mask's defaults (smallest component and rim, fractions of the image = one tile;
-#: the lowest nucleus score that can count), read from its signature: one source of truth.
-_MASK_DEFAULTS = inspect.signature(white_cell_mask).parameters
-_MASK_MIN_AREA = float(_MASK_DEFAULTS["min_area_fraction"].default)
-_MASK_DILATE = float(_MASK_DEFAULTS["dilate_fraction"].default)
-_MASK_MIN_SCORE = float(_MASK_DEFAULTS["min_score"].default)
 #: A stitched heatmap is made at 1/HEATMAP_STEP of the rescaled capture (see :func:`stitch_heatmap`).
 HEATMAP_STEP = 4
 
@@ -332,10 +325,9 @@ def white_cells(canvas: np.ndarray, plan: TilePlan) -> CellMask:
     mh, mw = small.shape[:2]
     kh, kw = th // k, tw // k
     tile_area = kh * kw
-    whole = white_cell_mask(small, min_area_fraction=_MASK_MIN_AREA * tile_area / (mh * mw),
-                            dilate_fraction=min(0.5, _MASK_DILATE * min(kh, kw) / min(mh, mw)))
-    nuclear = nucleus_score(small) > _MASK_MIN_SCORE
-    least = max(1, round(_MASK_MIN_AREA * tile_area))
+    whole = white_cell_mask_per_field(small, (kh, kw))
+    nuclear = nucleus_score(small) > MIN_SCORE
+    least = max(1, round(MIN_AREA_FRACTION * tile_area))
     masks = []
     for r, c, y, x in plan.positions():
         window = (slice(y // k, y // k + kh), slice(x // k, x // k + kw))
@@ -367,7 +359,7 @@ def cell_counts(cells: CellMask) -> CellCounts:
     area = cells.step * cells.step
     in_tile = tuple(int(m.sum()) * area for m in cells.tiles)
     in_own = tuple(int(cells.own(i).sum()) * area for i in range(len(cells.tiles)))
-    return CellCounts(in_tile, in_own, max(1, round(_MASK_MIN_AREA * th * tw)))
+    return CellCounts(in_tile, in_own, max(1, round(MIN_AREA_FRACTION * th * tw)))
 
 
 @dataclass(frozen=True)
