@@ -172,9 +172,61 @@ def run_accuracy(name: str, bundle_path: Path, root: Path, by_class: dict, conds
                         t.scale_ratio.append(abs(used / um - 1))
             bar.update(1)
     bar.close()
-    return {"bundle": str(bundle_path), "model": bundle.name, "um_per_px": u0,
+    return {"bundle": str(bundle_path), "model": bundle.name, "um_per_px": u0, "training": training_of(bundle_path),
             "input_um_per_px": list(bundle.spec.input_um_per_px),
             "rows": [{"condition": c[0], "mode": m, **tallies[(c[0], m)].row()} for c in conds for m in modes]}
+
+
+def training_of(bundle_path: Path) -> dict:
+    """Recipe, scale jitter and seed of the run behind a bundle (its model card), for the spread over seeds."""
+    try:
+        card = json.loads((bundle_path / "model_card.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    training = card.get("training") or {}
+    aug = training.get("augmentation") or {}
+    return {"recipe": aug.get("recipe"), "scale_jitter": aug.get("scale_jitter") or 0.0, "seed": training.get("seed")}
+
+
+def seed_groups(results: list[dict]) -> dict[tuple, list[dict]]:
+    """Bundles of one model, recipe and scale jitter trained with different seeds (groups of 2 or more)."""
+    groups: dict[tuple, list[dict]] = {}
+    for res in results:
+        t = res.get("training") or {}
+        if t.get("seed") is None:
+            continue
+        groups.setdefault((res["model"], t.get("recipe"), t.get("scale_jitter")), []).append(res)
+    return {k: v for k, v in groups.items() if len({r["training"]["seed"] for r in v}) > 1}
+
+
+def seed_spread_lines(results: list[dict]) -> list[str]:
+    """Per recipe: each condition's accuracy over seeds, and its gap to the same-scale accuracy of the same seed."""
+    lines = []
+    for (model, recipe, jitter), group in seed_groups(results).items():
+        seeds = sorted(r["training"]["seed"] for r in group)
+        jit = f", scale jitter +-{100 * jitter:.0f} %" if jitter else ", no scale jitter"
+        lines += [f"### Spread over training seeds: {model}, recipe `{recipe}`{jit} (seeds {', '.join(map(str, seeds))})", "",
+                  "Accuracy mean and range over the seeds; gap = accuracy minus the same seed's same-scale accuracy "
+                  "in the same mode (the goal: within -2 points with the scale given, -3 estimated).", "",
+                  "| capture | mode | accuracy mean [min, max] | gap mean [worst, best] (points) |", "|---|---|---|---|"]
+        rows = {}
+        for res in group:
+            for r in res["rows"]:
+                rows.setdefault((r["condition"], r["mode"]), []).append((res, r))
+        for (cond, mode), entries in rows.items():
+            accs = [r["accuracy"] for _, r in entries if r["accuracy"] is not None]
+            if not accs:
+                continue
+            gaps = []
+            for res, r in entries:
+                same = next((x for x in res["rows"] if x["condition"] == "same" and x["mode"] == mode), None)
+                if same and same["accuracy"] is not None and r["accuracy"] is not None:
+                    gaps.append(100 * (r["accuracy"] - same["accuracy"]))
+            gap = f"{statistics.mean(gaps):+.1f} [{min(gaps):+.1f}, {max(gaps):+.1f}]" if gaps and cond != "same" else ""
+            lines.append(f"| {cond} | {mode} | {100 * statistics.mean(accs):.1f} % [{100 * min(accs):.1f}, "
+                         f"{100 * max(accs):.1f}] | {gap} |")
+        lines.append("")
+    return lines
 
 
 def smear_frame(root: Path, by_class: dict, u0: float, target_um: float, size=(4056, 3040)) -> tuple[bytes, float]:
@@ -227,6 +279,9 @@ def run_latency(bundle_path: Path, root: Path, by_class: dict, runs: int) -> dic
 
 
 def markdown(result: dict) -> str:
+    if not result["accuracy"]:
+        lines = ["Latency only (`--no-accuracy`); the accuracy tables are in [scale.md](scale.md).", ""]
+        return "\n".join(lines + latency_lines(result.get("latency")))
     lines = ["Test fields of the capture-block split (per class by file number: first 70 % train, next 15 % val, "
              "last 15 % test), int8 bundles through the device runtime. Accuracy = top class of every image "
              "(abstained or not), Wilson 95 % interval. `stretch` = whole capture stretched to the model input "
@@ -238,7 +293,10 @@ def markdown(result: dict) -> str:
              "cells; part of the field is lost) are where stretching fails. A wider field's result averages "
              "K x K fields of one class, so it can exceed the single-field accuracy.", ""]
     for res in result["accuracy"]:
-        lines += [f"### {res['model']} ({res['bundle']}; training scale {res['um_per_px']:.3f} um/px, "
+        t = res.get("training") or {}
+        run = (f"recipe `{t.get('recipe')}`, scale jitter +-{100 * (t.get('scale_jitter') or 0):.0f} %, seed {t.get('seed')}; "
+               if t else "")
+        lines += [f"### {res['model']} ({res['bundle']}; {run}training scale {res['um_per_px']:.3f} um/px, "
                   f"{res['input_um_per_px'][1]:.3f} um per input px)", "",
                   "| capture | mode | n | accuracy [95 % CI] | abstained | retake | tiles | scale error (median) |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -248,7 +306,14 @@ def markdown(result: dict) -> str:
             lines.append(f"| {r['condition']} | {r['mode']} | {r['n']} | {acc} | {100 * (r['abstained'] or 0):.1f} % | "
                          f"{100 * (r['retake'] or 0):.1f} % | {r['mean_tiles']:.1f} | {err} |")
         lines.append("")
-    lat = result.get("latency")
+    lines += seed_spread_lines(result["accuracy"])
+    return "\n".join(lines + latency_lines(result.get("latency")))
+
+
+def latency_lines(lat: dict | None) -> list[str]:
+    lines: list[str] = []
+    if not lat:
+        lines.append("12 MP frame latency: [scale_latency.md](scale_latency.md) (measured apart, on a quiet machine).")
     if lat:
         fr = lat["frame"]
         lines += [f"### 12 MP frame latency ({fr['width']}x{fr['height']} JPEG q{fr['quality']}, {fr['bytes']:,} bytes, "
@@ -258,7 +323,7 @@ def markdown(result: dict) -> str:
             tim = ", ".join(f"{k.replace('_ms', '')} {v:.1f}" for k, v in r["timings"].items())
             um = "" if r["um_per_px"] is None else f"{r['um_per_px']:.3f} ({r['scale_source']})"
             lines.append(f"| {r['case']} | {r['p50_ms']:.1f} | {r['ratio']:.2f} | {r['tiles']} ({r['tiles_used']}) | {um} | {tim} |")
-    return "\n".join(lines)
+    return lines
 
 
 def main() -> int:
@@ -274,6 +339,8 @@ def main() -> int:
     p.add_argument("--latency-runs", type=int, default=20)
     p.add_argument("--estimate-every", type=int, default=1, metavar="K",
                    help="estimated mode on every K-th test field of each class only (it costs ~10x)")
+    p.add_argument("--no-accuracy", action="store_true",
+                   help="latency only (e.g. --name scale_latency on a quiet machine, after the accuracy run)")
     p.add_argument("--name", default="scale")
     args = p.parse_args()
     floats = lambda s: [float(x) for x in s.split(",") if x]  # noqa: E731
@@ -282,8 +349,9 @@ def main() -> int:
     root, by_class = test_items(args.manifest, args.data, args.limit)
     result = {"machine": machine_info(), "split": "block (capture order), test block",
               "estimate_every": args.estimate_every,
-              "accuracy": [run_accuracy(Path(b).name, Path(b), root, by_class, conds, modes, sys.stderr.isatty(),
-                                        args.estimate_every) for b in args.bundle]}
+              "accuracy": [] if args.no_accuracy else
+              [run_accuracy(Path(b).name, Path(b), root, by_class, conds, modes, sys.stderr.isatty(),
+                            args.estimate_every) for b in args.bundle]}
     if args.latency_runs:
         result["latency"] = run_latency(Path(args.bundle[0]), root, by_class, args.latency_runs)
     write_results(args.name, result, markdown(result), "Capture scale: magnification, wider fields, tiling")

@@ -271,3 +271,18 @@ def test_real_taleqani_fields_pass_and_their_blurred_copies_do_not():
     held_out = [load_image(p, spec) for p in files[-10:]]
     assert all(quality.assess(x, fit).ok for x in held_out)
     assert all(quality.assess(_blur(x, 2.0), fit).reasons == ("out_of_focus",) for x in held_out)
+
+
+def test_best_window_fraction_equals_a_brute_force_search_over_the_same_windows():
+    rng = np.random.default_rng(3)
+    for h, w, fh, fw in [(40, 57, 16, 16), (33, 20, 10, 7), (12, 12, 12, 5), (90, 61, 31, 60)]:
+        mask = rng.random((h, w)) < 0.2
+        ys, xs = quality._starts(h, min(fh, h)), quality._starts(w, min(fw, w))
+        best = max(mask[y:y + min(fh, h), x:x + min(fw, w)].mean() for y in ys for x in xs)
+        assert quality._best_window_fraction(mask, (fh, fw)) == pytest.approx(best, abs=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1000, 1001])
+def test_median_is_numpys_median(n):
+    values = np.random.default_rng(n).random(n).astype(np.float32)
+    assert quality._median(values) == pytest.approx(float(np.median(values)), abs=0)

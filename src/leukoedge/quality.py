@@ -245,15 +245,37 @@ def focus_score(rgb: np.ndarray) -> float:
     scale is unchanged): about 1 ms for a 160 px field, cheap enough to show live
     while the user turns the focus knob. Fields smaller than 3x3 pixels score 0.
     """
-    g = _centre_crop(_luma(rgb), MAX_FOCUS_PIXELS)
+    return _focus_of_luma(_luma(rgb))
+
+
+def _focus_of_luma(luma: np.ndarray) -> float:
+    """:func:`focus_score` from the luma (:func:`measure` computes the luma once for all its numbers)."""
+    g = _centre_crop(luma, MAX_FOCUS_PIXELS)
     mean = float(g.mean())
     if g.shape[0] < 3 or g.shape[1] < 3 or mean < 1.0:
         return 0.0
     lap = (g[1:-1, :-2] + g[1:-1, 2:] + g[:-2, 1:-1] + g[2:, 1:-1] - 4.0 * g[1:-1, 1:-1]) / mean
     energy = float(np.mean(lap * lap))
     # The median absolute Laplacian of mostly flat background is noise: 1.4826 x it estimates the noise's sd.
-    noise = (1.4826 * float(np.median(np.abs(lap)))) ** 2
+    noise = (1.4826 * _median(np.abs(lap).ravel())) ** 2
     return 100.0 * math.sqrt(max(energy - noise, 0.0))
+
+
+def _median(values: np.ndarray) -> float:
+    """``np.median`` of a 1-D array, exactly, in a tenth of its time.
+
+    ``np.median`` of an even count partitions around two ranks at once, which
+    numpy does ~10x slower than around one (3.6 ms against 0.33 ms for the
+    250 k Laplacian values of a 12 MP frame at the training scale); the lower
+    middle value is the largest of the lower half instead.
+    """
+    n = values.size
+    k = n // 2
+    part = np.partition(values, k)
+    upper = part[k]
+    if n % 2:
+        return float(upper)
+    return float((upper + part[:k].max()) / 2)
 
 
 def white_cells(rgb: np.ndarray, field_size: tuple[int, int] | None = None) -> np.ndarray:
@@ -282,12 +304,17 @@ def _best_window_fraction(mask: np.ndarray, field_size: tuple[int, int] | None) 
     wh, ww = min(field_size[0], h), min(field_size[1], w)
     if (wh, ww) == (h, w):
         return float(mask.mean())
-    integral = np.zeros((h + 1, w + 1), dtype=np.int64)
-    integral[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.int64), axis=1)
     ys = _starts(h, wh)
     xs = _starts(w, ww)
-    y0, x0 = np.meshgrid(ys, xs, indexing="ij")
-    sums = integral[y0 + wh, x0 + ww] - integral[y0, x0 + ww] - integral[y0 + wh, x0] + integral[y0, x0]
+    # Window sums from one running sum down the columns (its rows at the window edges give
+    # each band's column sums) and one along the few bands: a full 2-D integral image costs
+    # ~4x more on a 12 MP frame at the training scale.
+    down = np.zeros((h + 1, w), dtype=np.int32)
+    np.cumsum(mask, axis=0, dtype=np.int32, out=down[1:])
+    bands = down[ys + wh] - down[ys]
+    along = np.zeros((len(ys), w + 1), dtype=np.int32)
+    np.cumsum(bands, axis=1, out=along[:, 1:])
+    sums = along[:, xs + ww] - along[:, xs]
     return float(sums.max() / (wh * ww))
 
 
@@ -314,9 +341,10 @@ def measure(rgb: np.ndarray, field_size: tuple[int, int] | None = None, *,
     mask = white_cells(rgb, field_size) if white_cell_mask is None else np.asarray(white_cell_mask, dtype=bool)
     if mask.shape != rgb.shape[:2]:
         raise UsageError(f"white-cell mask has shape {mask.shape}, the capture {rgb.shape[:2]}")
+    luma = _luma(rgb)
     return {
-        "focus": focus_score(rgb),
-        "brightness": _percentile_level(_luma(rgb), 0.9) / 255.0,
+        "focus": _focus_of_luma(luma),
+        "brightness": _percentile_level(luma, 0.9) / 255.0,
         "clipped_high": float(np.mean(lo >= HIGH_LEVEL)),
         "clipped_low": float(np.mean(hi <= LOW_LEVEL)),
         "white_cell_fraction": _best_window_fraction(mask, field_size),
