@@ -150,7 +150,8 @@ def test_many_threads_write_and_read(tmp_path):
     assert not errors and store.count() == 30
 
 
-WRITER = textwrap.dedent("""
+#: Start of a writer process killed by the SIGKILL tests: ``store`` on argv[1], ``jpeg(side)`` seeded by argv[2].
+WRITER_PRELUDE = textwrap.dedent("""
     import io, sys, time
     import numpy as np
     from PIL import Image
@@ -162,6 +163,8 @@ WRITER = textwrap.dedent("""
         out = io.BytesIO()
         Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(out, format="JPEG", quality=95)
         return out.getvalue()
+""")
+WRITER = WRITER_PRELUDE + textwrap.dedent("""
     big = jpeg(700)  # ~1 MB: the kill often lands inside a file write
     i = 0
     while True:

@@ -18,12 +18,11 @@ an image is missing (with a hint about ``--data-root``).
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from ..data.records import Manifest, ManifestEntry
+from ..data.records import Manifest, ManifestEntry, RootsOverride
 from ..errors import ConversionError, InvalidImageError
 from ..preprocess import PreprocessSpec, load_image
 from .modes import MIN_CALIBRATION
@@ -88,9 +87,12 @@ def _allocate(n: int, sizes: dict[str, int]) -> dict[str, int]:
 
 
 def load_images(
-    manifest: Manifest, entries: list[ManifestEntry], spec: PreprocessSpec, root: Path | None, desc: str
+    manifest: Manifest, entries: list[ManifestEntry], spec: PreprocessSpec, root: RootsOverride, desc: str
 ) -> np.ndarray:
-    """Decode entries to a (N, H, W, 3) uint8 array with a progress bar."""
+    """Decode entries to a (N, H, W, 3) uint8 array with a progress bar.
+
+    ``root``: None, or where the run's root(s) are now (``Manifest.roots_for``).
+    """
     out = np.empty((len(entries), spec.height, spec.width, 3), dtype=np.uint8)
     for i, entry in enumerate(tqdm(entries, desc=desc, unit="img", leave=False)):
         path = manifest.resolve(entry, root)
@@ -99,7 +101,8 @@ def load_images(
         except InvalidImageError as err:
             raise ConversionError(
                 f"cannot read {desc} image: {err.message}",
-                hint="if the dataset moved since training, pass --data-root NEW_ROOT",
+                hint="if the dataset moved since training, pass --data-root NEW_ROOT (once per root of the "
+                     "run's manifest, in its order)",
             ) from None
     return out
 

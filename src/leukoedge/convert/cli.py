@@ -32,7 +32,9 @@ def register(subparsers) -> None:
     p.add_argument("--edgetpu", action="store_true", help="check Edge TPU compatibility; compile if edgetpu_compiler exists")
     p.add_argument("--archive", choices=["tar", "zip"], default=None, help="also write BUNDLE.tar or BUNDLE.zip")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
-    p.add_argument("--data-root", type=Path, default=None, help="dataset root if the images moved since training")
+    p.add_argument("--data-root", type=Path, action="append", default=None,
+                   help="dataset root if the images moved since training; repeat it, in the manifest's order, "
+                        "for a run trained on several roots")
     p.add_argument(
         "--ood-score", choices=["mahalanobis", "knn", "max_softmax"], default=None,
         help="abstention score fitted on the converted model (default: mahalanobis on the pooled "
@@ -75,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         edgetpu=args.edgetpu,
         archive=args.archive,
         force=args.force,
-        data_root=args.data_root,
+        data_root=_data_root(args.data_root),
         ood_score=args.ood_score,
         ood_dirs=tuple(args.ood_dir),
         calibrate=args.calibrate,
@@ -131,3 +133,10 @@ def _print_summary(result) -> None:
                   f"abstained {_f(f['abstain_rate'], '.1%')}", file=out)
         print(f"calibration: T={cal['temperature']:.3f}  test ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f}", file=out)
     print(f"parity gate: {'PASSED' if r.passed else 'FAILED (bundle marked invalid)'}", file=out)
+
+
+def _data_root(given: list[Path] | None) -> Path | tuple[Path, ...] | None:
+    """``--data-root`` as ConvertOptions takes it: None, one root, or one per root of the run's manifest."""
+    if not given:
+        return None
+    return given[0] if len(given) == 1 else tuple(given)

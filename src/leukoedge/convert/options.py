@@ -32,7 +32,8 @@ class ConvertOptions:
         edgetpu: check Edge TPU compatibility and compile when edgetpu_compiler exists.
         archive: also pack the bundle as ``<out>.tar`` or ``<out>.zip``.
         force: replace an existing bundle at ``out``.
-        data_root: where the run's images are now, if they moved since training.
+        data_root: where the run's images are now, if they moved since training (one path, or one
+            per root of a manifest of several, in its order: ``Manifest.roots_for``).
         worst: how many most-disagreeing images the parity report lists.
         ood_score: abstention score fitted on the converted model: ``mahalanobis``,
             ``knn`` or ``max_softmax``; None picks ``mahalanobis`` when the model
@@ -56,7 +57,7 @@ class ConvertOptions:
     edgetpu: bool = False
     archive: str | None = None
     force: bool = False
-    data_root: Path | None = None
+    data_root: Path | tuple[Path, ...] | None = None
     worst: int = 10
     ood_score: str | None = None
     ood_dirs: tuple[Path, ...] = ()

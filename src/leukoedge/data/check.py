@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -41,8 +42,12 @@ class ImageFacts:
     thumb: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
-def scan(root: Path, records: list[Record], *, progress: bool = True) -> list[ImageFacts]:
-    """Hash and decode every record (one pass; shared by check and split)."""
+def scan(root: Path | Sequence[Path], records: list[Record], *, progress: bool = True) -> list[ImageFacts]:
+    """Hash and decode every record (one pass; shared by check and split).
+
+    ``root``: the dataset root, or the roots that the records' ``root`` index (a split of several roots).
+    """
+    roots = [Path(root)] if isinstance(root, (str, Path)) else [Path(r) for r in root]
     iterator = records
     if progress:
         from tqdm import tqdm
@@ -50,7 +55,7 @@ def scan(root: Path, records: list[Record], *, progress: bool = True) -> list[Im
         iterator = tqdm(records, desc="scanning images", unit="img", leave=False)
     out = []
     for rec in iterator:
-        path = root / rec.path
+        path = roots[rec.root] / rec.path
         try:
             digest = sha256_file(path)
             img = open_image(path)

@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 
-def register(subparsers) -> None:
+def register(subparsers):
+    """Add ``data`` and its actions; returns the actions' subparsers, so ``leukoedge.cli`` can add the one
+    action this package may not hold (``data reviewed`` reads a device's store, which lives above this layer)."""
     p = subparsers.add_parser("data", help="check, split, synthesise and measure datasets",
                               description="Dataset checks, leakage-aware split manifests, synthetic smears and "
                                           "pixel sizes.")
@@ -21,8 +23,12 @@ def register(subparsers) -> None:
     check.add_argument("--strict", action="store_true", help="exit non-zero when any file is unreadable")
     check.set_defaults(func=_check)
 
-    split = sub.add_parser("split", help="write a deterministic train/val/test manifest (or K folds)")
-    split.add_argument("path", type=Path, help="dataset folder")
+    split = sub.add_parser("split", help="write a deterministic train/val/test manifest (or K folds)",
+                           description="One manifest of one or several dataset folders. With several (e.g. the "
+                                       "original data, then a device's reviewed-images export) the first defines "
+                                       "the classes and each folder is split by its own kind: by group (sample) "
+                                       "where every image has one, else by capture-order block.")
+    split.add_argument("path", type=Path, nargs="+", help="dataset folder(s); the first defines the classes")
     split.add_argument("--out", type=Path, required=True, metavar="MANIFEST",
                        help="manifest JSON to write; with --folds K, a folder for fold-1.json .. fold-K.json "
                             "and their index folds.json")
@@ -58,6 +64,7 @@ def register(subparsers) -> None:
 
     layouts = sub.add_parser("layouts", aliases=["list-layouts"], help="list the dataset layouts that are recognised")
     layouts.set_defaults(func=_layouts)
+    return sub
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -73,7 +80,7 @@ def _split(args: argparse.Namespace) -> int:
 
     if check_folds(args.folds) > 1:
         return _split_folds(args, make_folds, format_folds, save_folds)
-    manifest = make_manifest(args.path, layout=args.layout, by=args.by, val=args.val,
+    manifest = make_manifest(_roots(args.path), layout=args.layout, by=args.by, val=args.val,
                              test=0.15 if args.test is None else args.test, seed=args.seed,
                              progress=sys.stderr.isatty())
     manifest.save(args.out)
@@ -85,6 +92,11 @@ def _split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _roots(paths: list[Path]) -> Path | list[Path]:
+    """One folder as itself (one-root manifests stay as before), several as a list."""
+    return paths[0] if len(paths) == 1 else paths
+
+
 def _split_folds(args: argparse.Namespace, make_folds, format_folds, save_folds) -> int:
     """``--folds K``: K manifests in the ``--out`` folder (see :func:`leukoedge.data.split.make_folds`)."""
     from ..errors import UsageError
@@ -92,7 +104,7 @@ def _split_folds(args: argparse.Namespace, make_folds, format_folds, save_folds)
     if args.test is not None:
         raise UsageError(f"--test {args.test} contradicts --folds {args.folds}: each fold tests on 1/{args.folds} "
                          "of the images", hint="drop --test, or drop --folds for one split")
-    manifests = make_folds(args.path, folds=args.folds, layout=args.layout, by=args.by, val=args.val,
+    manifests = make_folds(_roots(args.path), folds=args.folds, layout=args.layout, by=args.by, val=args.val,
                            seed=args.seed, progress=sys.stderr.isatty())
     index = save_folds(manifests, args.out)
     print(format_folds(manifests))

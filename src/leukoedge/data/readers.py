@@ -6,8 +6,9 @@ where the dataset has one) and the capture-order number where file names carry
 one. Layouts are registered by name (timm-style), so ``--layout NAME`` can force
 one and an unknown name lists the valid ones.
 
-Detection tries the specific layouts first and the generic class-per-folder
-last; when nothing matches, the error lists what was found at the top of the
+Detection tries the specific layouts first (a device's reviewed-images export,
+recognised by its ``reviewed.json``, before all: its class folders may carry
+the Taleqani names) and the generic class-per-folder last; when nothing matches, the error lists what was found at the top of the
 folder so the user can see why.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Callable
 
 from ..errors import DatasetError, UsageError
 from ..files import IMAGE_SUFFIXES, image_files
+from . import reviewed
 from .records import Record
 
 
@@ -68,6 +70,29 @@ def _number(name: str) -> int | None:
 
 def _subdirs(path: Path) -> dict[str, Path]:
     return {p.name: p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")} if path.is_dir() else {}
+
+
+# --- a device's reviewed-images export (first: its folders may look like any layout) ---
+
+
+@register_layout("reviewed", "a device's reviewed-images export: reviewed.json + one folder per reviewer label "
+                 "(groups = samples)", lambda root: (root / reviewed.MANIFEST_NAME).is_file())
+def read_reviewed(root: Path) -> list[Record]:
+    """Class folders (names decoded by :func:`.reviewed.folder_label`) with groups from ``reviewed.json``.
+
+    An image the manifest does not list (added by hand) is its own group and has
+    no capture order; an image the manifest lists but the folder lacks (deleted
+    by hand) is simply not read.
+    """
+    known = reviewed.provenance(root)
+    records = []
+    for name, folder in sorted(_subdirs(root).items()):
+        label = reviewed.folder_label(name)
+        for path in _images(folder):
+            rel = _rel(path, root)
+            group, order = known.get(rel, (f"file:{rel}", None))
+            records.append(Record(rel, label, group, order))
+    return records
 
 
 # --- Taleqani ALL -----------------------------------------------------------

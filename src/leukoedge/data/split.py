@@ -18,6 +18,24 @@ once: on a few hundred images one held-out block is a noisy estimate, and a
 block split's ``--seed`` cannot move it. ``DIR/fold-k.json`` are ordinary
 manifests; ``DIR/folds.json`` indexes them.
 
+Several roots (``data split ORIG REVIEWED``, ``train --data ORIG --data
+REVIEWED``; issue 16) make ONE manifest (:mod:`.records`). The first root
+defines the classes: every other root's class names must match one of them up
+to case and whitespace (and take its spelling), otherwise the split is refused
+naming both roots. Each root is split by its own kind, so ``auto`` picks
+``group`` for a root whose every image has a group (a reviewed export: groups
+= samples, one slide never straddles splits) and ``block`` for a root without
+(capture order, as on its own). The grouped roots are split together (a group
+in two of them stays whole); each block root is cut on its own, because two
+datasets' capture orders say nothing about each other. Why not make every
+ungrouped image its own group instead: that is an image-level random split of
+the original data, which is leaky exactly where the block split is not, and it
+would move the original data's test set whenever reviewed data is added; per
+root, the original data keeps the split it has alone, so test figures stay
+comparable from one retraining to the next. A manifest whose roots differ in
+kind has ``split_kind = "mixed"`` and lists each root's kind in
+``params["per_root"]``; no group straddles splits in it, whatever root holds it.
+
 Whatever the kind, exact and near duplicates are clustered first and a
 cluster always lands in one split (the earliest of its members' splits, so
 test never keeps a copy of a training image). Unreadable images are left out
@@ -27,8 +45,9 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Sequence, Union
 
 import numpy as np
 
@@ -42,6 +61,8 @@ from .records import SPLITS, Manifest, ManifestEntry, Record, class_names
 log = logging.getLogger(__name__)
 
 SPLIT_CHOICES = ("auto", "group", "block", "random")
+#: One dataset root, or several (the first defines the classes).
+Roots = Union[str, Path, Sequence[Union[str, Path]]]
 
 
 def _cut(n: int, val: float, test: float) -> tuple[int, int]:
@@ -109,32 +130,130 @@ def _clusters(n: int, links: list[list[int]]) -> list[list[int]]:
 
 @dataclass(frozen=True)
 class _Prepared:
-    """The readable records of a dataset with what every split kind needs (see :func:`_prepare`)."""
+    """The readable records of one or more roots with what every split kind needs (see :func:`_prepare`).
 
-    root: Path
-    layout: str
+    ``parts`` are ``(kind, record indices)``: the grouped roots together as one
+    ``group`` part, every other root its own part; a one-root dataset is one part.
+    """
+
+    roots: list[Path]
+    layouts: list[str]
     records: list[Record]
     kind: str
+    root_kinds: list[str]
+    parts: list[tuple[str, list[int]]]
     dup_clusters: list[list[int]]
     unreadable: list[str]
+
+    @property
+    def root(self) -> Path:
+        return self.roots[0]
+
+    @property
+    def layout(self) -> str:
+        return self.layouts[0]
 
     @property
     def order_source(self) -> str:
         return "file number" if all(r.order is not None for r in self.records) else "file name"
 
+    @property
+    def keep_clusters(self) -> list[list[int]]:
+        """Clusters that must share a split: duplicates, and in a mixed split also groups.
 
-def _prepare(root: str | Path, layout: str, by: str, progress: bool) -> _Prepared:
-    """Read, scan (unreadable files out), cluster duplicates and resolve the split kind.
+        A one-kind split keeps its own rules (a group split's units hold the
+        groups already; a block split of a partly grouped root ignores groups,
+        as it always has). In a mixed split a group could be in a grouped and an
+        ungrouped root, so groups are kept together explicitly.
+        """
+        if self.kind != "mixed":
+            return self.dup_clusters
+        return _clusters(len(self.records), self.dup_clusters + _group_links(self.records))
+
+    def params(self) -> dict:
+        """What a manifest records about the roots (only for several: one-root manifests are as before)."""
+        if len(self.roots) == 1:
+            return {}
+        counts = [sum(r.root == k for r in self.records) for k in range(len(self.roots))]
+        return {"per_root": [{"root": str(root), "layout": layout, "kind": kind, "images": n}
+                             for root, layout, kind, n in zip(self.roots, self.layouts, self.root_kinds, counts)]}
+
+
+def _as_roots(roots: Roots) -> list[Path]:
+    """Absolute roots, in order; the same folder twice is refused (every image would be listed twice)."""
+    items = [roots] if isinstance(roots, (str, Path)) else list(roots)
+    if not items:
+        raise UsageError("no dataset root given", hint="pass a dataset folder (--data DIR)")
+    out = [Path(r).resolve() for r in items]
+    for k, root in enumerate(out):
+        if root in out[:k]:
+            raise UsageError(f"dataset root {root} is given twice", hint="give each --data root once")
+    return out
+
+
+def _class_key(label: str) -> str:
+    """How class names are compared across roots: case and runs of whitespace do not count."""
+    return " ".join(label.split()).casefold()
+
+
+def _match_classes(roots: list[Path], records: list[Record]) -> list[Record]:
+    """Records of roots 2.. relabelled with the first root's spelling of their class, or DatasetError.
+
+    The first root (the original training data) defines the classes: a reviewed
+    export names its folders after the bundle's labels, which come from that data.
+    """
+    primary = class_names(r for r in records if r.root == 0)
+    by_key: dict[str, str] = {}
+    for name in primary:
+        if by_key.setdefault(_class_key(name), name) != name:
+            raise DatasetError(f"{roots[0]}: classes {by_key[_class_key(name)]!r} and {name!r} differ only in case "
+                               "or spacing, so the other roots' classes cannot be matched to them",
+                               hint="merge or rename one of the two class folders")
+    out = []
+    for k in range(1, len(roots)):
+        own = class_names(r for r in records if r.root == k)
+        foreign = [c for c in own if _class_key(c) not in by_key]
+        if foreign:
+            raise DatasetError(f"{roots[k]} has class(es) {', '.join(map(repr, foreign))} that the first root "
+                               f"{roots[0]} lacks (its classes: {', '.join(map(repr, primary))})",
+                               hint="the first --data root defines the classes: rename those folders to one of "
+                                    "its classes, leave them out, or put the dataset that has them first")
+    for r in records:
+        out.append(r if r.root == 0 else replace(r, label=by_key[_class_key(r.label)]))
+    return out
+
+
+def _root_kind(root: Path, records: list[Record], by: str) -> str:
+    """The split kind of one root: ``by``, or for ``auto`` group when every image has a group, else block."""
+    has_groups = all(r.group is not None for r in records)
+    if by == "auto":
+        return "group" if has_groups else "block"
+    if by == "group" and not has_groups:
+        raise UsageError(f"--by group needs a group (patient id) for every image; {root} ({len(records)} images) "
+                         "has images without one",
+                         hint="use --by block (capture order) or --by auto (group where groups exist, else block)")
+    return by
+
+
+def _prepare(roots: Roots, layout: str, by: str, progress: bool) -> _Prepared:
+    """Read, scan (unreadable files out), cluster duplicates and resolve the split kind of each root.
 
     Shared by :func:`make_manifest` and :func:`make_folds`, so a K-fold split
-    sees exactly the records, duplicate clusters and kind a single split would.
+    sees exactly the records, duplicate clusters and kinds a single split would.
+    ``layout`` applies to every root (``auto``: each root's own is detected).
     """
     if by not in SPLIT_CHOICES:
         raise UsageError(f"--by must be one of {', '.join(SPLIT_CHOICES)}, got {by!r}")
-    root = Path(root).resolve()
-    layout_name, all_records = read_dataset(root, layout)
-    facts = scan(root, all_records, progress=progress)
-    unreadable = [f.record.path for f in facts if f.error]
+    roots = _as_roots(roots)
+    layouts, all_records = [], []
+    for k, root in enumerate(roots):
+        layout_name, records = read_dataset(root, layout)
+        layouts.append(layout_name)
+        all_records += [replace(r, root=k) for r in records]
+    if len(roots) > 1:
+        all_records = _match_classes(roots, all_records)
+    facts = scan(roots, all_records, progress=progress)
+    unreadable = [_shown(roots, f.record) for f in facts if f.error]
     keep = [i for i, f in enumerate(facts) if f.error is None]
     records = [all_records[i] for i in keep]
     facts = [facts[i] for i in keep]
@@ -143,12 +262,34 @@ def _prepare(root: str | Path, layout: str, by: str, progress: bool) -> _Prepare
             raise DatasetError(f"class {label!r} has fewer than 3 readable images: cannot split it")
     exact, near = duplicate_groups(facts)
     dup_clusters = _clusters(len(records), exact + near)
-    has_groups = all(r.group is not None for r in records)
-    kind = by if by != "auto" else ("group" if has_groups else "block")
-    if kind == "group" and not has_groups:
-        raise UsageError("--by group needs a group (patient id) for every image; this layout has none",
-                         hint="use --by block (capture order) or --by auto")
-    return _Prepared(root, layout_name, records, kind, dup_clusters, unreadable)
+    root_kinds = [_root_kind(root, [r for r in records if r.root == k], by) for k, root in enumerate(roots)]
+    kind = root_kinds[0] if len(set(root_kinds)) == 1 else "mixed"
+    grouped = [i for i, r in enumerate(records) if root_kinds[r.root] == "group"]
+    parts = [("group", grouped)] if grouped else []
+    parts += [(root_kinds[k], [i for i, r in enumerate(records) if r.root == k])
+              for k in range(len(roots)) if root_kinds[k] != "group"]
+    return _Prepared(roots, layouts, records, kind, root_kinds, parts, dup_clusters, unreadable)
+
+
+def _shown(roots: list[Path], record: Record) -> str:
+    """A record's path as reports show it: relative, prefixed by its root when there are several."""
+    return record.path if len(roots) == 1 else f"{roots[record.root]}/{record.path}"
+
+
+def _group_links(records: list[Record]) -> list[list[int]]:
+    """Index lists of the records that share a group (groups of one image left out)."""
+    members: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        if r.group is not None:
+            members.setdefault(r.group, []).append(i)
+    return [m for m in members.values() if len(m) > 1]
+
+
+def _local(clusters: list[list[int]], idx: list[int]) -> list[list[int]]:
+    """``clusters`` restricted to the records ``idx`` (of a part), in the part's own indices."""
+    pos = {g: j for j, g in enumerate(idx)}
+    out = [[pos[i] for i in c if i in pos] for c in clusters]
+    return [c for c in out if len(c) > 1]
 
 
 def _units(records: list[Record], dup_clusters: list[list[int]]) -> list[list[int]]:
@@ -181,28 +322,33 @@ def _keep_together(splits: list[str], dup_clusters: list[list[int]], order: tupl
     return moved
 
 
-def make_manifest(root: str | Path, *, layout: str = "auto", by: str = "auto", val: float = 0.15,
+def make_manifest(root: Roots, *, layout: str = "auto", by: str = "auto", val: float = 0.15,
                   test: float = 0.15, seed: int = 0, progress: bool = True) -> Manifest:
     if by not in SPLIT_CHOICES:
         raise UsageError(f"--by must be one of {', '.join(SPLIT_CHOICES)}, got {by!r}")
     if not (0 <= val < 1 and 0 < test < 1 and val + test < 0.9):
         raise UsageError(f"--val {val} and --test {test} must be fractions with val + test < 0.9 and test > 0")
     prep = _prepare(root, layout, by, progress)
-    records, kind, dup_clusters = prep.records, prep.kind, prep.dup_clusters
-    if kind == "group":
-        splits = _by_groups(records, _units(records, dup_clusters), val, test, seed)
-    elif kind == "block":
-        splits = _by_blocks(records, val, test)
-    else:
-        splits = _random(records, val, test, seed)
+    records = prep.records
+    splits = [""] * len(records)
+    for kind, idx in prep.parts:
+        sub = [records[i] for i in idx]
+        if kind == "group":
+            got = _by_groups(sub, _units(sub, _local(prep.dup_clusters, idx)), val, test, seed)
+        elif kind == "block":
+            got = _by_blocks(sub, val, test)
+        else:
+            got = _random(sub, val, test, seed)
+        for i, s in zip(idx, got):
+            splits[i] = s
 
-    moved = _keep_together(splits, dup_clusters, SPLITS)
-    entries = tuple(ManifestEntry(r.path, r.label, r.group, r.order, split=s) for r, s in zip(records, splits))
+    moved = _keep_together(splits, prep.keep_clusters, SPLITS)
+    entries = tuple(ManifestEntry(r.path, r.label, r.group, r.order, r.root, split=s) for r, s in zip(records, splits))
     manifest = Manifest(
         root=str(prep.root),
         layout=prep.layout,
         classes=class_names(records),
-        split_kind=kind,
+        split_kind=prep.kind,
         seed=seed,
         entries=entries,
         params={
@@ -210,10 +356,12 @@ def make_manifest(root: str | Path, *, layout: str = "auto", by: str = "auto", v
             "val": val,
             "test": test,
             "order_source": prep.order_source,
-            "duplicate_clusters": len(dup_clusters),
+            "duplicate_clusters": len(prep.dup_clusters),
             "moved_to_keep_duplicates_together": moved,
             "unreadable_excluded": prep.unreadable,
+            **prep.params(),
         },
+        roots=tuple(str(r) for r in prep.roots),
     )
     manifest.validate()
     for split in SPLITS:
@@ -246,7 +394,7 @@ def check_folds(k: int) -> int:
     return k
 
 
-def make_folds(root: str | Path, *, folds: int, layout: str = "auto", by: str = "auto", val: float = 0.15,
+def make_folds(root: Roots, *, folds: int, layout: str = "auto", by: str = "auto", val: float = 0.15,
                seed: int = 0, progress: bool = True) -> list[Manifest]:
     """K manifests whose test sets partition the dataset (each image is in exactly one).
 
@@ -264,7 +412,9 @@ def make_folds(root: str | Path, *, folds: int, layout: str = "auto", by: str = 
     - ``random``: a per-class random K-th (leaky, for comparison only).
 
     Duplicate clusters land in one test fold (the earliest of their members')
-    and, within a fold, in one of train/val. Val never overlaps test.
+    and, within a fold, in one of train/val. Val never overlaps test. With
+    several roots, each root is cut by its own kind as in a single split (the
+    grouped roots together, every other root alone; module docstring).
     """
     check_folds(folds)
     if folds < 2:
@@ -283,58 +433,28 @@ def make_folds(root: str | Path, *, folds: int, layout: str = "auto", by: str = 
             raise DatasetError(f"class {label!r} has {count} readable images: too few for {folds} folds "
                                "(each fold needs some in test and in train)", hint="use fewer --folds")
     names = tuple(str(j) for j in range(folds))
-    units = _units(records, dup_clusters) if kind == "group" else None
-    if kind == "group":
-        fold_of = [""] * n
-        for label_units in _by_majority_label(records, units).values():
-            assigned = _assign_units(n, label_units, {f: 1.0 / folds for f in names}, seed)
-            for unit in label_units:
-                for i in unit:
-                    fold_of[i] = assigned[i]
-    else:
-        fold_of = [""] * n
-        rng = np.random.default_rng(seed)
-        for label in labels:
-            idx = _class_sequence(records, label)
-            if kind == "random":
-                idx = [idx[j] for j in rng.permutation(len(idx))]
-            for j, block in enumerate(np.array_split(np.asarray(idx), folds)):
-                for i in block:
-                    fold_of[int(i)] = names[j]
-    moved_test = _keep_together(fold_of, dup_clusters, names)
+    keep = prep.keep_clusters
+    fold_of = [""] * n
+    for part_kind, idx in prep.parts:
+        sub = [records[i] for i in idx]
+        for i, f in zip(idx, _fold_of(sub, part_kind, _local(dup_clusters, idx), names, seed)):
+            fold_of[i] = f
+    moved_test = _keep_together(fold_of, keep, names)
 
     manifests = []
     for j in range(folds):
         splits = ["test" if fold_of[i] == names[j] else "" for i in range(n)]
-        if kind == "group":
-            rest = [u for u in units if splits[u[0]] != "test"]
-            share = val / (1.0 - 1.0 / folds)
-            for label_units in _by_majority_label(records, rest).values():
-                assigned = _assign_units(n, label_units, {"train": 1.0 - share, "val": share}, seed + 1 + j)
-                for unit in label_units:
-                    for i in unit:
-                        splits[i] = assigned[i]
-            val_from = "a group-level slice of the non-test groups (per majority class)"
-        else:
-            rng = np.random.default_rng([seed, j])
-            for label in labels:
-                seq = _class_sequence(records, label)
-                n_val = max(1, int(round(val * len(seq))))
-                if kind == "block":
-                    # cyclic order starting just after this fold's test block: the tail is just before it
-                    after = max((p for p, i in enumerate(seq) if splits[i] == "test"), default=-1) + 1
-                    seq = seq[after:] + seq[:after]
-                    rest = [i for i in seq if splits[i] != "test"]
-                    picked = set(rest[-n_val:])
-                else:
-                    rest = [i for i in seq if splits[i] != "test"]
-                    picked = {rest[p] for p in rng.permutation(len(rest))[:n_val]}
-                for i in rest:
-                    splits[i] = "val" if i in picked else "train"
-            val_from = ("the images of each class just before its test block in capture order "
-                        "(wrapping round for the first fold)") if kind == "block" else "a random share per class"
-        moved = _keep_together(splits, dup_clusters, SPLITS)
-        entries = tuple(ManifestEntry(r.path, r.label, r.group, r.order, split=s) for r, s in zip(records, splits))
+        val_from = []
+        for part_kind, idx in prep.parts:
+            sub = [records[i] for i in idx]
+            got, how = _fold_train_val(sub, part_kind, _local(dup_clusters, idx), [splits[i] for i in idx],
+                                       folds, j, val, seed)
+            val_from.append(how)
+            for i, s in zip(idx, got):
+                splits[i] = s
+        moved = _keep_together(splits, keep, SPLITS)
+        entries = tuple(ManifestEntry(r.path, r.label, r.group, r.order, r.root, split=s)
+                        for r, s in zip(records, splits))
         manifest = Manifest(
             root=str(prep.root), layout=prep.layout, classes=labels, split_kind=kind, seed=seed, entries=entries,
             params={
@@ -343,12 +463,14 @@ def make_folds(root: str | Path, *, folds: int, layout: str = "auto", by: str = 
                 "fold": j + 1,
                 "val": val,
                 "test": f"fold {j + 1} of {folds}",
-                "val_from": val_from,
+                "val_from": "; ".join(dict.fromkeys(val_from)),
                 "order_source": prep.order_source,
                 "duplicate_clusters": len(dup_clusters),
                 "moved_to_keep_duplicates_together": moved_test + moved,
                 "unreadable_excluded": prep.unreadable,
+                **prep.params(),
             },
+            roots=tuple(str(r) for r in prep.roots),
         )
         manifest.validate()
         _check_fold(manifest, j + 1, folds)
@@ -357,6 +479,62 @@ def make_folds(root: str | Path, *, folds: int, layout: str = "auto", by: str = 
         log.warning("random folds: images from the same slide or capture session can land in train and test; "
                     "reports from these manifests are marked LEAKY")
     return manifests
+
+
+def _fold_of(records: list[Record], kind: str, dup_clusters: list[list[int]], names: tuple[str, ...],
+             seed: int) -> list[str]:
+    """The test fold (one of ``names``) of every record of one part (see :func:`make_folds`)."""
+    n, folds = len(records), len(names)
+    fold_of = [""] * n
+    if kind == "group":
+        for label_units in _by_majority_label(records, _units(records, dup_clusters)).values():
+            assigned = _assign_units(n, label_units, {f: 1.0 / folds for f in names}, seed)
+            for unit in label_units:
+                for i in unit:
+                    fold_of[i] = assigned[i]
+        return fold_of
+    rng = np.random.default_rng(seed)
+    for label in class_names(records):
+        idx = _class_sequence(records, label)
+        if kind == "random":
+            idx = [idx[j] for j in rng.permutation(len(idx))]
+        for j, block in enumerate(np.array_split(np.asarray(idx), folds)):
+            for i in block:
+                fold_of[int(i)] = names[j]
+    return fold_of
+
+
+def _fold_train_val(records: list[Record], kind: str, dup_clusters: list[list[int]], splits: list[str],
+                    folds: int, j: int, val: float, seed: int) -> tuple[list[str], str]:
+    """(splits, how val was chosen) of one part in fold ``j`` (0-based): train or val for all but test."""
+    splits = list(splits)
+    n = len(records)
+    if kind == "group":
+        rest = [u for u in _units(records, dup_clusters) if splits[u[0]] != "test"]
+        share = val / (1.0 - 1.0 / folds)
+        for label_units in _by_majority_label(records, rest).values():
+            assigned = _assign_units(n, label_units, {"train": 1.0 - share, "val": share}, seed + 1 + j)
+            for unit in label_units:
+                for i in unit:
+                    splits[i] = assigned[i]
+        return splits, "a group-level slice of the non-test groups (per majority class)"
+    rng = np.random.default_rng([seed, j])
+    for label in class_names(records):
+        seq = _class_sequence(records, label)
+        n_val = max(1, int(round(val * len(seq))))
+        if kind == "block":
+            # cyclic order starting just after this fold's test block: the tail is just before it
+            after = max((p for p, i in enumerate(seq) if splits[i] == "test"), default=-1) + 1
+            seq = seq[after:] + seq[:after]
+            rest = [i for i in seq if splits[i] != "test"]
+            picked = set(rest[-n_val:])
+        else:
+            rest = [i for i in seq if splits[i] != "test"]
+            picked = {rest[p] for p in rng.permutation(len(rest))[:n_val]}
+        for i in rest:
+            splits[i] = "val" if i in picked else "train"
+    return splits, ("the images of each class just before its test block in capture order "
+                    "(wrapping round for the first fold)") if kind == "block" else "a random share per class"
 
 
 def _class_sequence(records: list[Record], label: str) -> list[int]:
@@ -412,6 +590,7 @@ def save_folds(manifests: list[Manifest], out_dir: str | Path) -> Path:
         "version": FOLDS_VERSION,
         "folds": len(manifests),
         "root": first.root,
+        **({"roots": list(first.roots)} if len(first.roots) > 1 else {}),
         "layout": first.layout,
         "classes": list(first.classes),
         "split_kind": first.split_kind,
@@ -460,18 +639,19 @@ def check_partition(manifests: list[Manifest], where: str = "folds") -> None:
     """Refuse folds that do not cover one dataset with each image in exactly one test set."""
     if len(manifests) < 2:
         raise ManifestError(f"{where}: {len(manifests)} fold(s); cross-validation needs at least 2")
-    paths = {e.path for e in manifests[0].entries}
-    tested: dict[str, int] = {}
+    first = manifests[0]
+    paths = {first.key(e) for e in first.entries}
+    tested: dict[tuple[int, str], int] = {}
     for k, m in enumerate(manifests, 1):
-        if {e.path for e in m.entries} != paths or m.classes != manifests[0].classes:
-            raise ManifestError(f"{where}: fold {k} lists other images or classes than fold 1")
+        if {m.key(e) for e in m.entries} != paths or m.classes != first.classes or len(m.roots) != len(first.roots):
+            raise ManifestError(f"{where}: fold {k} lists other images, classes or roots than fold 1")
         for e in m.subset("test"):
-            if e.path in tested:
-                raise ManifestError(f"{where}: {e.path} is in the test sets of folds {tested[e.path]} and {k}")
-            tested[e.path] = k
+            if m.key(e) in tested:
+                raise ManifestError(f"{where}: {e.path} is in the test sets of folds {tested[m.key(e)]} and {k}")
+            tested[m.key(e)] = k
     untested = sorted(paths - set(tested))
     if untested:
-        raise ManifestError(f"{where}: {len(untested)} image(s) are in no fold's test set, e.g. {untested[0]}")
+        raise ManifestError(f"{where}: {len(untested)} image(s) are in no fold's test set, e.g. {untested[0][1]}")
 
 
 def format_folds(manifests: list[Manifest]) -> str:
@@ -499,4 +679,17 @@ def format_counts(manifest: Manifest) -> str:
     leak = "  (LEAKY: image-level random split)" if manifest.leaky else ""
     lines.append(f"split kind: {manifest.split_kind}{leak}; duplicate clusters kept together: "
                  f"{manifest.params.get('duplicate_clusters', 0)}")
-    return "\n".join(lines)
+    return "\n".join(lines + _root_lines(manifest))
+
+
+def _root_lines(manifest: Manifest) -> list[str]:
+    """Per root of a manifest of several: layout, kind and train / val / test images."""
+    if len(manifest.roots) == 1:
+        return []
+    info = manifest.params.get("per_root") or [{} for _ in manifest.roots]
+    lines = []
+    for k, (root, about) in enumerate(zip(manifest.roots, info)):
+        n = {s: sum(e.root == k and e.split == s for e in manifest.entries) for s in SPLITS}
+        lines.append(f"root {k + 1}: {root} ({about.get('layout', '?')}, split by {about.get('kind', '?')}): "
+                     + " / ".join(f"{n[s]} {s}" for s in SPLITS))
+    return lines

@@ -39,7 +39,7 @@ from .metrics import KNOWN_METHODS, Metrics
 from .security import init_security, load_secret_key
 from .service import ClassifyService
 from .storage import ResultStore
-from .views import api, auth, focus, history, media, ops, scale, ui
+from .views import api, auth, export_reviewed, focus, history, media, ops, review, samples, scale, ui
 from .views import camera as camera_views  # not `camera`: create_app has a parameter of that name
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,8 @@ def create_app(config: AppConfig, *, classifier=None, camera: Camera | None = No
     init_security(app, config)
     init_error_handlers(app)
 
-    for blueprint in (ui.bp, history.bp, media.bp, api.bp, ops.bp, auth.bp, scale.bp, focus.bp, camera_views.bp):
+    for blueprint in (ui.bp, history.bp, media.bp, api.bp, ops.bp, auth.bp, scale.bp, focus.bp, camera_views.bp,
+                      samples.bp, review.bp, export_reviewed.bp):
         app.register_blueprint(blueprint)
 
     @app.context_processor

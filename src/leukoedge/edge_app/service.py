@@ -25,6 +25,11 @@ than that scale needs (:meth:`Classifier.decode_plan`) and handed to the
 runtime as a :class:`~leukoedge.runtime.classifier.Capture` that remembers the
 full size, so the um/px and the tile boxes stored always refer to the full
 image whatever size it was decoded at.
+
+Samples (issue 16): a classification may belong to a sample (``sample_id``).
+The sample is checked (exists, still open) before anything is read or
+classified, so a capture for a deleted or closed sample costs no camera
+still and stores nothing; the store checks it again when it writes.
 """
 from __future__ import annotations
 
@@ -106,11 +111,15 @@ class ClassifyService:
             info["bundle_name"] = str(bundle).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
         return info
 
-    def classify_upload(self, upload: bytes | BinaryIO, filename: str, *, um_per_px: float | None = None) -> StoredResult:
+    def classify_upload(self, upload: bytes | BinaryIO, filename: str, *, um_per_px: float | None = None,
+                        sample_id: str | None = None) -> StoredResult:
         """Validate, classify and store one uploaded file (bytes or a binary stream).
 
-        ``um_per_px`` (of the file's full-resolution pixels) overrides the station's calibration.
+        ``um_per_px`` (of the file's full-resolution pixels) overrides the station's calibration;
+        ``sample_id`` files the result under an open sample.
         """
+        if sample_id is not None:
+            self.store.open_sample(sample_id)
         scale = self.scale_for(um_per_px)
         with self._slots:
             data = upload if isinstance(upload, (bytes, bytearray)) else upload.read()
@@ -128,19 +137,22 @@ class ClassifyService:
                     capture = Capture(rgb, (int(height), int(width)), bytes(data))
                     del data
                     return self._classify(capture, original, ext, source="upload", filename=filename,
-                                          decode_ms=decode_ms, scale=scale)
+                                          decode_ms=decode_ms, scale=scale, sample_id=sample_id)
             finally:
                 release_free_memory(reserved)
 
-    def classify_capture(self) -> StoredResult:
+    def classify_capture(self, *, sample_id: str | None = None) -> StoredResult:
         """Grab a full-resolution still from the camera and classify it (at the station's calibration)."""
+        if sample_id is not None:
+            self.store.open_sample(sample_id)
         with self._slots:
             rgb = self._capture()
             original, ext = imaging.stored_original(None, None, rgb)
             stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
             try:
                 return self._classify(Capture(rgb, (int(rgb.shape[0]), int(rgb.shape[1]))), original, ext,
-                                      source="camera", filename=f"capture-{stamp}{ext}", scale=self.scale_for())
+                                      source="camera", filename=f"capture-{stamp}{ext}", scale=self.scale_for(),
+                                      sample_id=sample_id)
             finally:
                 del rgb
                 release_free_memory(len(original) * 8)
@@ -195,7 +207,8 @@ class ClassifyService:
 
     # -- classify and store ------------------------------------------------------
     def _classify(self, capture: Capture, original: bytes, ext: str, *, source: str, filename: str,
-                  decode_ms: float = 0.0, scale: tuple[float | None, str | None] = (None, None)) -> StoredResult:
+                  decode_ms: float = 0.0, scale: tuple[float | None, str | None] = (None, None),
+                  sample_id: str | None = None) -> StoredResult:
         """Classify a decoded capture and store it; ``scale`` = (um/px of full-resolution pixels or None, how)."""
         rgb = capture.rgb
         height, width = capture.full_size
@@ -221,6 +234,8 @@ class ClassifyService:
                 "timings": {**pred.timings, "decode_ms": decode_ms + pred.timings.get("decode_ms", 0.0)},
                 "model_name": info["model"],
                 "model_version": str(info["version"]),
+                # which bundle made this result: the report and the exports cite it, whatever is loaded later
+                "bundle_sha256": info["bundle_sha256"],
                 "width": int(width),
                 "height": int(height),
                 "original_ext": ext,
@@ -231,6 +246,7 @@ class ClassifyService:
                 "scale_message": _scale_message(pred, um_full, how),
                 "tiles": [t.to_dict() for t in pred.tiles],
                 "aggregation": pred.aggregation,
+                "sample_id": sample_id,
             },
             files,
         )

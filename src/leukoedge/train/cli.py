@@ -4,6 +4,10 @@
 summarises them in ``RUN/cv.json`` and ``RUN/model_card.md`` (:mod:`.folds`);
 ``--folds 1`` or no ``--folds`` is one run.
 
+Several ``--data`` roots make one manifest (:mod:`leukoedge.data.split`):
+the first defines the classes, a reviewed export's samples never straddle
+splits, and every later stage opens images through that manifest.
+
 The training scale (um/px of the training images) is ``--um-per-px`` or
 measured on the training split's red cells (``--rbc-um``); it goes into the
 run, the card and the bundle so the device can tile captures at it.
@@ -29,7 +33,10 @@ def register(subparsers) -> None:
         description="Train a registry model on a split manifest, then evaluate it on val + test "
                     "(metrics, plots, abstention threshold, model card in RUN_DIR).")
     p.add_argument("--list-models", action="store_true", help="list registered models (input, params, MACs) and exit")
-    p.add_argument("--data", metavar="PATH", help="dataset root (overrides the manifest's root)")
+    p.add_argument("--data", metavar="PATH", action="append",
+                   help="dataset root; repeat it to train on several at once (e.g. the original data, then a "
+                        "device's reviewed-images export: the first defines the classes, each is split by its own "
+                        "kind, samples kept whole). With --manifest: where its root(s) are now, in its order")
     p.add_argument("--manifest", metavar="M", help="split manifest JSON (from `leukoedge data split`), or a folds "
                                                    "index DIR/folds.json (from `data split --folds K`); without it "
                                                    "the data is split now (auto kind) and saved in RUN_DIR")
@@ -109,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     from .trainer import TrainOptions, train
 
     opts = TrainOptions(
-        out=Path(args.out), model=args.model, manifest=manifest, data_root=args.data, epochs=args.epochs,
+        out=Path(args.out), model=args.model, manifest=manifest, data_root=_data_root(args.data), epochs=args.epochs,
         batch_size=args.batch, learning_rate=args.lr, input_size=args.input_size, seed=args.seed,
         augment="none" if args.no_augment else args.augment, colour=args.colour, resume=args.resume, patience=args.patience,
         distribute=args.distribute, ood_dirs=tuple(args.ood), consistency=args.consistency, audit=not args.no_audit,
@@ -131,6 +138,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"training scale: {'unknown' if um is None else f'{um:.4g} um/px'} ({how_obtained(scale)})")
     print(f"run directory: {result['run_dir']}")
     return 0
+
+
+def _data_root(data: list[str] | None) -> str | tuple[str, ...] | None:
+    """``--data`` as TrainOptions takes it: None, one root, or a tuple of roots (several)."""
+    if not data:
+        return None
+    return data[0] if len(data) == 1 else tuple(data)
 
 
 def _manifest(args):
@@ -156,12 +170,14 @@ def _manifest(args):
                                   "`leukoedge data split PATH --folds K --out DIR`")
         return Manifest.load(args.manifest), None
     log = logging.getLogger(__name__)
+    data = _data_root(args.data)
+    shown = ", ".join(args.data)
     if k > 1:
-        log.info("no --manifest: cutting %s into %d folds now (auto kind: group, else block)", args.data, k)
-        folds = make_folds(args.data, folds=k, by="auto", seed=args.seed, progress=sys.stderr.isatty())
+        log.info("no --manifest: cutting %s into %d folds now (auto kind: group, else block)", shown, k)
+        folds = make_folds(data, folds=k, by="auto", seed=args.seed, progress=sys.stderr.isatty())
         return folds[0], folds
-    log.info("no --manifest: splitting %s now (auto kind: group, else block)", args.data)
-    return make_manifest(args.data, by="auto", seed=args.seed), None
+    log.info("no --manifest: splitting %s now (auto kind: group, else block)", shown)
+    return make_manifest(data, by="auto", seed=args.seed), None
 
 
 def _cross_validate(opts, folds, k: int | None) -> int:

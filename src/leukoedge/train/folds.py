@@ -159,6 +159,8 @@ def _fold_options(opts: "TrainOptions", saved: dict) -> "TrainOptions":
     known = {f.name for f in fields(opts)}
     values = {k: v for k, v in saved.items() if k in known}
     values["ood_dirs"] = tuple(values.get("ood_dirs") or ())
+    if isinstance(values.get("data_root"), list):  # several roots, as JSON keeps them
+        values["data_root"] = tuple(values["data_root"])
     return replace(opts, **values)
 
 

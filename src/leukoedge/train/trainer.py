@@ -93,7 +93,8 @@ class TrainOptions:
         out: run directory to create (or continue with ``resume``).
         model: registry name.
         manifest: the split manifest (ignored on resume: the run's copy is used).
-        data_root: dataset root; overrides the manifest's root when the data moved.
+        data_root: dataset root, or one per root of a manifest of several (in its order); overrides
+            the manifest's roots when the data moved (see ``Manifest.roots_for``).
         epochs / batch_size / learning_rate / input_size: None -> registry defaults.
         seed: seeds weights, order, augmentation and dropout.
         augment: recipe name (``default``, ``paper003``, ``robust``, ``none``); None -> registry default.
@@ -121,7 +122,7 @@ class TrainOptions:
     out: Path
     model: str
     manifest: Manifest | None = None
-    data_root: str | None = None
+    data_root: str | tuple[str, ...] | None = None
     epochs: int | None = None
     batch_size: int | None = None
     learning_rate: float | None = None
@@ -187,7 +188,8 @@ def resolve_config(opts: TrainOptions, scale: dict | None = None) -> RunConfig:
         batch_size=int(opts.batch_size or entry.train.batch_size),
         learning_rate=float(opts.learning_rate or entry.train.learning_rate),
         augmentation={"recipe": aug_name, "enabled": aug.enabled, "where": "tf.data", **aug.to_dict()},
-        data_root=str(Path(opts.data_root).resolve()) if opts.data_root else manifest.root,
+        # the first root as the data is now (one root: as before); the saved manifest holds them all
+        data_root=manifest.with_root(opts.data_root).root if opts.data_root else manifest.root,
         colour=PreprocessSpec.square(8, opts.colour or "as-captured").colour,
         scale=dict(scale or {}),
         extra={"optimizer": entry.train.optimizer, "patience": opts.patience, "schedule": "cosine per epoch to 1 %",
@@ -257,7 +259,7 @@ def _open_run(opts: TrainOptions, rd: RunDir) -> tuple[RunConfig, Manifest, dict
         if rd.state_path.exists() or rd.model_path.exists():
             raise UsageError(f"{rd.path} already holds a training run",
                              hint="pass --resume to continue it, or choose another --out")
-        manifest = opts.manifest if opts.data_root is None else opts.manifest.with_root(opts.data_root)
+        manifest = opts.manifest if not opts.data_root else opts.manifest.with_root(opts.data_root)
         train_paths = [manifest.resolve(e) for e in manifest.subset("train")]
         scale = training_scale(train_paths, um_per_px=opts.um_per_px, rbc_um=opts.rbc_um,
                                progress=sys.stderr.isatty())

@@ -59,3 +59,11 @@ document.addEventListener("submit", function (event) {
   }
   poll();
 })();
+
+// Sample report: the print button (the page prints without it too: the browser's own Print).
+(function () {
+  var button = document.getElementById("print-report");
+  if (button) {
+    button.addEventListener("click", function () { window.print(); });
+  }
+})();

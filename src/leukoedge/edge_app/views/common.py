@@ -53,6 +53,20 @@ def result_json(result: StoredResult) -> dict:
     return out
 
 
+def body_fields(example: str) -> dict:
+    """The request's fields: a JSON object body, or the form's fields (so ``curl -d name=...`` works too).
+
+    ``example`` (a JSON object as text) goes into the UsageError for a JSON body that is not an
+    object, so the message shows what the route expects.
+    """
+    if request.is_json:
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            raise UsageError(f"the request body must be a JSON object, e.g. {example}")
+        return body
+    return request.form.to_dict()
+
+
 def int_arg(name: str, default: int, *, lo: int, hi: int) -> int:
     """A whole-number query parameter within [lo, hi], or UsageError (400)."""
     raw = request.args.get(name)

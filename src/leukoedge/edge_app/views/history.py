@@ -1,4 +1,10 @@
-"""History of results: browse, filter by label, delete, export as CSV or JSON."""
+"""History of results: browse, filter by label and review state, delete, export as CSV or JSON.
+
+The review filter (``review=reviewed|unreviewed|disagreed``, see
+:data:`~leukoedge.edge_app.storage.REVIEW_FILTERS`) applies to the page and to
+both exports; the JSON export also lists the samples, so a sample id in a
+result can be read as the name the lab gave it.
+"""
 from __future__ import annotations
 
 import csv
@@ -20,16 +26,21 @@ def _label_arg() -> str | None:
     return label[:100] or None
 
 
+def _review_arg() -> str | None:
+    """One of REVIEW_FILTERS or None; anything else is a 400 from the store."""
+    return request.args.get("review", "").strip()[:20] or None
+
+
 @bp.get("/history")
 def history():
     store = state().store
-    label = _label_arg()
+    label, review = _label_arg(), _review_arg()
     page = int_arg("page", 1, lo=1, hi=1_000_000)
-    total = store.count(label=label)
-    results = store.page(label=label, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
+    total = store.count(label=label, review=review)
+    results = store.page(label=label, review=review, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
     labels = sorted(set(state().service.model_info["labels"]) | set(store.labels()))
-    return render_template("history.html", results=results, label=label, labels=labels, page=page,
-                           pages=max(1, -(-total // PAGE_SIZE)), total=total)
+    return render_template("history.html", results=results, label=label, review=review, labels=labels,
+                           page=page, pages=max(1, -(-total // PAGE_SIZE)), total=total)
 
 
 @bp.post("/results/<result_id>/delete")
@@ -44,7 +55,7 @@ def export_csv():
     classes = list(state().service.model_info["labels"])
     out = io.StringIO()
     writer = csv.writer(out)
-    for row in csv_rows(store.iter_all(label=_label_arg()), classes):
+    for row in csv_rows(store.iter_all(label=_label_arg(), review=_review_arg()), classes):
         writer.writerow(row)
     return Response(out.getvalue(), mimetype="text/csv",
                     headers={"Content-Disposition": "attachment; filename=leukoedge-results.csv"})
@@ -54,6 +65,7 @@ def export_csv():
 def export_json():
     store = state().store
     body = {"research_notice": RESEARCH_NOTICE,
-            "results": [result_json(r) for r in store.iter_all(label=_label_arg())]}
+            "samples": [s.to_dict() for s in store.samples(limit=1_000_000)],
+            "results": [result_json(r) for r in store.iter_all(label=_label_arg(), review=_review_arg())]}
     return Response(json.dumps(body, indent=1), mimetype="application/json",
                     headers={"Content-Disposition": "attachment; filename=leukoedge-results.json"})

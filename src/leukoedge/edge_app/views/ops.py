@@ -8,6 +8,7 @@ from flask import Blueprint, Response, jsonify
 from ... import RESEARCH_NOTICE, __version__
 from .camera import lock_state
 from .common import state
+from .review import agreement_now
 from .scale import scale_status
 
 bp = Blueprint("ops", __name__)
@@ -31,6 +32,8 @@ def health():
         "model": st.service.model_info,
         "camera": camera,
         "storage": {"results": st.store.count()},
+        # One grouped query: the overall figure only; per label at /api/agreement.
+        "agreement": agreement_now().to_dict()["overall"],
         "scale": scale_status(),
         "security": {"token_required": st.config.requires_token, "loopback_only": st.config.loopback_only},
         "research_notice": RESEARCH_NOTICE,

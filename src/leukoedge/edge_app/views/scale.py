@@ -19,11 +19,10 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify, redirect, render_template, request, url_for
 
-from ...errors import UsageError
 from ..calibrate import calibrate, default_rbc_um
 from ..calibration import (MAX_DIVISION_UM, MAX_UM_PER_PX, METHODS, MIN_DIVISION_UM, MIN_UM_PER_PX,
                            UNCALIBRATED_LINE, format_um)
-from .common import state
+from .common import body_fields, state
 
 bp = Blueprint("scale", __name__)
 
@@ -51,15 +50,6 @@ def scale_status() -> dict:
     }
 
 
-def _params() -> dict:
-    if request.is_json:
-        body = request.get_json(silent=True)
-        if not isinstance(body, dict):
-            raise UsageError('the request body must be a JSON object, e.g. {"um_per_px": 0.08}')
-        return body
-    return request.form.to_dict()
-
-
 def _upload():
     upload = request.files.get("image")
     if upload is None or not (upload.filename or upload.content_length):
@@ -69,7 +59,7 @@ def _upload():
 
 def _calibrate_and_save():
     st = state()
-    return st.calibration.save(calibrate(st.service, _params(), _upload()))
+    return st.calibration.save(calibrate(st.service, body_fields('{"um_per_px": 0.08}'), _upload()))
 
 
 @bp.get("/scale")

@@ -5,7 +5,10 @@ from flask import Blueprint, redirect, render_template, request, url_for
 
 from ...errors import LeukoEdgeError
 from ...runtime.postprocess import abstain_side
+from ..storage import SampleNotFoundError
 from .common import read_uploads, state
+from .review import review_labels
+from .samples import requested_sample
 
 bp = Blueprint("ui", __name__)
 
@@ -29,7 +32,8 @@ def live():
 
 @bp.post("/capture")
 def capture():
-    result = state().service.classify_capture()
+    # The sample the page showed (its hidden field), not whatever the session says now.
+    result = state().service.classify_capture(sample_id=requested_sample())
     return redirect(url_for("ui.result", result_id=result.id), code=303)
 
 
@@ -50,11 +54,14 @@ def upload():
     one clear message.
     """
     st = state()
+    sample_id = requested_sample()
+    if sample_id is not None:
+        st.store.open_sample(sample_id)  # a deleted or closed sample fails the whole batch, before any file
     files = read_uploads(request.files, "images", limit=st.config.max_files_per_upload)
     results, failures = [], []
     for name, stream in files:
         try:
-            results.append(st.service.classify_upload(stream, name))
+            results.append(st.service.classify_upload(stream, name, sample_id=sample_id))
         except LeukoEdgeError as err:
             failures.append((name, err))
     if not results:
@@ -81,7 +88,15 @@ def result(result_id: str):
     abstention = dict(info.get("abstention") or {}) if same_model else {}
     if abstention.get("score") and abstention.get("threshold") is not None:
         abstention["side"] = abstain_side(abstention)
+    sample = None
+    if res.sample_id is not None:
+        try:
+            sample = state().store.get_sample(res.sample_id)
+        except SampleNotFoundError:
+            sample = None
     return render_template("result.html", result=res, ranked=ranked, abstain_message=ABSTAIN_MESSAGE,
+                           sample=sample, review_labels=review_labels(),
+                           from_review=request.args.get("from") == "review",
                            abstention=abstention, tile_map=tile_map(res), scale_source=SCALE_SOURCES.get(
                                res.scale_source or "", res.scale_source))
 
