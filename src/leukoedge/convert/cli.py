@@ -54,6 +54,9 @@ def register(subparsers) -> None:
     p.add_argument("--um-per-px", type=float, default=None, metavar="X",
                    help="micrometres per pixel of the TRAINING images, for runs trained without a recorded scale "
                    "(or to correct it: a change over 10 %% is warned about); the device tiles captures at it")
+    p.add_argument("--diagnose", action="store_true",
+                   help="int8/uint8: per-layer quantisation error and which layer, kept in float, removes the flips "
+                   "(diagnosis.json, parity.md); done anyway when the gate fails")
     p.add_argument("--out", type=Path, required=True, metavar="BUNDLE", help="bundle directory to write")
     p.set_defaults(func=run)
 
@@ -84,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         abstain_rate=args.abstain_rate,
         ood_fit=args.ood_fit,
         um_per_px=args.um_per_px,
+        diagnose=args.diagnose,
     )
     from ..errors import ParityError
 
@@ -132,6 +136,9 @@ def _print_summary(result) -> None:
             print(f"  {name}: AUROC {_f(f['auroc'])} (held-out half {_f(f['held_out']['auroc'])}), "
                   f"abstained {_f(f['abstain_rate'], '.1%')}", file=out)
         print(f"calibration: T={cal['temperature']:.3f}  test ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f}", file=out)
+    if result.diagnosis is not None:
+        d = result.diagnosis
+        print(f"diagnosis: {d.get('verdict') or 'did not complete: ' + str(d.get('error'))} (parity.md, diagnosis.json)", file=out)
     print(f"parity gate: {'PASSED' if r.passed else 'FAILED (bundle marked invalid)'}", file=out)
 
 

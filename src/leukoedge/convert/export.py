@@ -100,10 +100,13 @@ def _producer(layer):
     return history[0] if history else None
 
 
-def convert(export_model, mode: QuantMode, representative: Callable | None = None) -> bytes:
-    """Run ``tf.lite.TFLiteConverter.from_keras_model`` with the mode's settings."""
+def make_converter(export_model, mode: QuantMode, representative: Callable | None = None):
+    """A ``tf.lite.TFLiteConverter.from_keras_model`` set up with the mode's settings.
+
+    One place for the settings, so the diagnosis (:mod:`.diagnose`, which hands the
+    converter to TensorFlow's QuantizationDebugger) quantises exactly like the bundle.
+    """
     import tensorflow as tf
-    from tensorflow.lite.python.convert_phase import ConverterError  # not re-exported under tf.lite
 
     converter = tf.lite.TFLiteConverter.from_keras_model(export_model)
     if mode.optimize:
@@ -113,25 +116,50 @@ def convert(export_model, mode: QuantMode, representative: Callable | None = Non
     if mode.full_integer:
         if representative is None:
             raise ConversionError(f"--quantize {mode.name} needs representative (calibration) data")
-        io_type = {"int8": tf.int8, "uint8": tf.uint8}[mode.io_dtype]
+        io_type = io_dtype(mode)
         converter.representative_dataset = representative
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         converter.inference_input_type = io_type
         converter.inference_output_type = io_type
+    return converter
+
+
+def io_dtype(mode: QuantMode):
+    """The TensorFlow dtype of a full-integer mode's input and output tensors."""
+    import tensorflow as tf
+
+    return {"int8": tf.int8, "uint8": tf.uint8}[mode.io_dtype]
+
+
+@contextlib.contextmanager
+def quiet_converter():
+    """Keep the converter's chatter for --verbose instead of burying the parity summary under it.
+
+    Keras prints the whole SavedModel signature to stdout while exporting, and TF warns that
+    "statistics for quantized inputs were expected": the input is raw pixels by design
+    (Rescaling is inside the model), so that warning is noise here.
+    """
     chatter = io.StringIO()
     try:
-        # Keras prints the whole SavedModel signature to stdout while exporting; keep it
-        # for --verbose instead of burying the parity summary under it.
         with warnings.catch_warnings(), contextlib.redirect_stdout(chatter):
-            # The input is raw pixels by design (Rescaling is inside the model), so TF's
-            # "statistics for quantized inputs were expected" warning is noise here.
             warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
+            warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
+            yield
+    finally:
+        if chatter.getvalue():
+            log.debug("converter output:\n%s", chatter.getvalue())
+
+
+def convert(export_model, mode: QuantMode, representative: Callable | None = None) -> bytes:
+    """Run ``tf.lite.TFLiteConverter.from_keras_model`` with the mode's settings."""
+    from tensorflow.lite.python.convert_phase import ConverterError  # not re-exported under tf.lite
+
+    converter = make_converter(export_model, mode, representative)
+    try:
+        with quiet_converter():
             return bytes(converter.convert())
     except (ConverterError, ValueError, RuntimeError, TypeError) as err:
         raise ConversionError(
             f"TFLite conversion ({mode.name}) failed: {str(err).strip().splitlines()[-1] if str(err).strip() else err}",
             hint="an op without an int8 kernel makes full-integer conversion fail; try --quantize dynamic to locate it",
         ) from None
-    finally:
-        if chatter.getvalue():
-            log.debug("converter output:\n%s", chatter.getvalue())

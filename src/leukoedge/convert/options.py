@@ -45,6 +45,8 @@ class ConvertOptions:
         ood_fit: training images whose features fit the scorer (stratified subsample).
         um_per_px: the training images' pixel size for the bundle (``--um-per-px``), replacing
             or adding to the run's recorded scale (see :mod:`.pixel_size`); None keeps the run's.
+        diagnose: explain the int8 model's flips layer by layer (:mod:`.diagnose`) even when
+            the gate passes; a full-integer gate that fails is always diagnosed.
     """
 
     run_dir: Path
@@ -65,6 +67,7 @@ class ConvertOptions:
     abstain_rate: float = 0.05
     ood_fit: int = DEFAULT_OOD_FIT
     um_per_px: float | None = None
+    diagnose: bool = False
 
     def __post_init__(self) -> None:
         from ..train.training_scale import check_um_per_px
@@ -81,6 +84,11 @@ class ConvertOptions:
                 )
             if self.calibration < MIN_CALIBRATION:
                 raise UsageError(f"--calibration {self.calibration} is too few; use at least {MIN_CALIBRATION} images")
+        if self.diagnose and not mode.full_integer:
+            raise UsageError(
+                f"--diagnose explains full-integer quantisation (int8, uint8); --quantize {self.quantize} quantises no activations",
+                hint="drop --diagnose, or use --quantize int8",
+            )
         if not 0.0 <= self.max_drop <= 100.0:
             raise UsageError(f"--max-drop must be between 0 and 100 percentage points, got {self.max_drop}")
         if not 0.0 <= self.min_agreement <= 1.0:

@@ -9,6 +9,8 @@ the TEST split; fit the abstention score and the temperature on the converted
 model's own outputs (:mod:`.trust`: train subsample, val, test, ``--ood-dir``),
 measuring the float model's calibration alongside (its test probabilities
 come from the gate) and drawing ``reliability.png`` (:mod:`.trust_plots`);
+for a full-integer mode whose gate failed (or with ``--diagnose``), find the
+layers behind the flips (:mod:`.diagnose`: ``diagnosis.json``, a section of parity.md);
 write the final bundle (valid or not, model card with a Calibration section)
 and commit it.
 
@@ -34,7 +36,7 @@ from ..preprocess import PreprocessSpec
 from ..train.rundir import RunConfig, RunDir
 from ..runtime.scores import FEATURE_METHODS
 from .. import quality
-from . import calibration, edgetpu as edgetpu_check, export, parity, trust, trust_plots, trust_report, writer
+from . import calibration, diagnose, edgetpu as edgetpu_check, export, parity, trust, trust_plots, trust_report, writer
 from .pixel_size import bundle_scale
 from .modes import MIN_CALIBRATION, MODES
 from .options import ConvertOptions
@@ -52,6 +54,7 @@ class ConvertResult:
     heatmap_method: str | None
     trust: dict | None = None
     scale: dict | None = None
+    diagnosis: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -100,8 +103,9 @@ def convert_run(options: ConvertOptions, *, representative_images: np.ndarray | 
     _check_shapes(model, run.spec.size, len(run.config.classes))
     train_entries, train_images = _train_sample(options, run)
     quality_meta = _fit_quality(options, run, train_entries, train_images)
-    tflite, size = _convert(options, run, model, export.build_export_model(model, need_features),
-                            train_images if representative_images is None else representative_images)
+    export_model = export.build_export_model(model, need_features)
+    calibration_images = train_images if representative_images is None else representative_images
+    tflite, size = _convert(options, run, model, export_model, calibration_images)
     test_images = calibration.load_images(run.manifest, test_entries, run.spec, options.data_root, "test")
 
     staging = writer.staging_dir(options.out)
@@ -111,8 +115,12 @@ def convert_run(options: ConvertOptions, *, representative_images: np.ndarray | 
         meta = writer.bundle_meta(valid=False, invalid_reason="parity gate not run yet", parity=None, **common)
         writer.write_common(staging, list(run.config.classes), meta)
         writer.finalize(staging)
-        report, float_test = _grade(staging, model, run.manifest, test_entries, test_images, options)
+        report, float_test, quant_test = _grade(staging, model, run.manifest, test_entries, test_images, options)
         report = dataclasses.replace(report, size=size, split_kind=run.manifest.split_kind, leaky=run.manifest.leaky)
+        diagnosis = None
+        if options.mode.full_integer and (options.diagnose or not report.passed):
+            diagnosis = _diagnose(staging, options, run, model, export_model, calibration_images, test_entries,
+                                  test_images, float_test, quant_test)
         trusted = _fit_trust(staging, options, run, score, test_entries, test_images, model, float_test)
         for name, array in trusted.arrays.items():
             with atomic_path(staging / name) as tmp:
@@ -122,7 +130,7 @@ def convert_run(options: ConvertOptions, *, representative_images: np.ndarray | 
         trusted.report["reliability_plot"] = trust.RELIABILITY_PLOT
         write_json(staging / "trust.json", trusted.report)
         atomic_write_text(staging / "trust.md", trust_report.to_markdown(trusted.report, f"Trust report: {run.config.model} ({options.quantize})"))
-        _write_reports(staging, run, report, common, trusted.report)
+        _write_reports(staging, run, report, common, trusted.report, diagnosis)
         writer.commit(staging, options.out)
     finally:
         if staging.exists():
@@ -131,16 +139,59 @@ def convert_run(options: ConvertOptions, *, representative_images: np.ndarray | 
     heatmap = common["heatmap"]
     result = ConvertResult(
         options.out, archive, report, size, tpu_report, heatmap["method"] if heatmap else None, trusted.report,
-        run.scale,
+        run.scale, diagnosis,
     )
     if not report.passed:
         err = ParityError(
             f"the {options.quantize} model does not classify like the float model: {'; '.join(report.reasons)}. "
             f"The bundle was written to {options.out} but marked invalid",
-            hint="see parity.md in the bundle; more calibration images (--calibration) or --quantize float16/dynamic may help",
+            hint=_failure_hint(diagnosis),
         )
         err.result = result
         raise err
+    return result
+
+
+def _failure_hint(diagnosis: dict | None) -> str:
+    """What to look at after a failed gate: the diagnosis's finding when there is one."""
+    generic = "more calibration images (--calibration) or --quantize float16/dynamic may help"
+    if diagnosis is None:
+        return f"see parity.md in the bundle; {generic}"
+    found = diagnosis.get("verdict") or f"the diagnosis failed ({diagnosis.get('error')})"
+    return f"diagnosis (parity.md, {diagnose.DIAGNOSIS_NAME}): {found}; {generic}"
+
+
+def _diagnose(staging: Path, options: ConvertOptions, run: _Run, model, export_model, calibration_images: np.ndarray,
+              test_entries, test_images: np.ndarray, float_test: np.ndarray, quant_test: np.ndarray) -> dict:
+    """The per-layer diagnosis (:mod:`.diagnose`); ``_write_reports`` writes it into the bundle.
+
+    Per-layer error on the calibration + validation images; flips on the gate's test images.
+    Asked for (``--diagnose``), a failure is raised; run only because the gate failed,
+    a :class:`ConversionError` is recorded in diagnosis.json and logged, so the
+    gate's own verdict (and the invalid bundle) still reach the user.
+    """
+    val_entries = run.manifest.subset("val")
+    val_images = calibration.load_images(run.manifest, val_entries, run.spec, options.data_root, "val")
+    try:
+        result = diagnose.diagnose(
+            model, export_model, options.mode,
+            calibration_images=calibration_images,
+            error_images=np.concatenate([calibration_images, val_images]),
+            gate_images=test_images,
+            gate_paths=[e.path for e in test_entries],
+            float_probs=float_test,
+            quant_probs=quant_test,
+            bundle_dir=staging,
+            classes=list(run.config.classes),
+            y_true=np.array([run.manifest.label_index(e.label) for e in test_entries], dtype=np.int64),
+        )
+    except ConversionError as err:
+        if options.diagnose:
+            raise
+        log.warning("diagnosis of the failed gate did not complete: %s", err.message)
+        result = {"mode": options.quantize, "error": err.message}
+    if "verdict" in result:
+        log.info("diagnosis: %s", result["verdict"])
     return result
 
 
@@ -231,13 +282,22 @@ def _write_model_files(staging: Path, options: ConvertOptions, run: _Run, model,
     return common, tpu_report
 
 
-def _write_reports(staging: Path, run: _Run, report: parity.ParityReport, common: dict, trust_report_: dict | None = None) -> None:
-    """Final bundle.json (valid or not), parity.json/.md, model card (with the trust figures), checksums."""
+def _write_reports(staging: Path, run: _Run, report: parity.ParityReport, common: dict, trust_report_: dict | None = None,
+                   diagnosis: dict | None = None) -> None:
+    """Final bundle.json (valid or not), parity.json/.md (with the diagnosis), model card (with the trust figures), checksums."""
     reason = None if report.passed else "parity gate failed: " + "; ".join(report.reasons)
     meta = writer.bundle_meta(valid=report.passed, invalid_reason=reason, parity=report.summary(), **common)
     writer.write_common(staging, list(run.config.classes), meta)
     write_json(staging / "parity.json", report.to_dict())
-    atomic_write_text(staging / "parity.md", report.to_markdown(f"Parity report: {run.config.model} ({report.mode})"))
+    if diagnosis is not None:
+        diagnose.write(staging, diagnosis)
+    markdown = report.to_markdown(f"Parity report: {run.config.model} ({report.mode})")
+    if diagnosis is not None:
+        section = (diagnose.to_markdown(diagnosis) if "verdict" in diagnosis
+                   else f"## Diagnosis\n\nThe diagnosis did not complete: {diagnosis['error']}\n")
+        footer = markdown.rfind("Research use only")  # the notice stays last
+        markdown = markdown[:footer] + section + "\n" + markdown[footer:] if footer >= 0 else markdown + "\n" + section
+    atomic_write_text(staging / "parity.md", markdown)
     writer.write_model_card(
         staging, writer.read_text_or_none(run.dir.model_card_md), writer.read_json_or_none(run.dir.model_card_json), meta,
         trust_report=trust_report_,
@@ -247,8 +307,8 @@ def _write_reports(staging: Path, run: _Run, report: parity.ParityReport, common
 
 def _grade(
     staging: Path, model, manifest: Manifest, entries, images: np.ndarray, options: ConvertOptions
-) -> tuple[parity.ParityReport, np.ndarray]:
-    """Float Keras vs the provisional bundle through the device runtime; also the float test probabilities."""
+) -> tuple[parity.ParityReport, np.ndarray, np.ndarray]:
+    """Float Keras vs the provisional bundle through the device runtime; also both models' test probabilities."""
     from ..runtime import Classifier
 
     bundle = load_bundle(staging, allow_invalid=True)
@@ -267,7 +327,7 @@ def _grade(
         min_agreement=options.min_agreement,
         worst=options.worst,
     )
-    return graded, float_probs
+    return graded, float_probs, quant_probs
 
 
 def _resolve_score(options: ConvertOptions, model) -> str:
