@@ -15,6 +15,7 @@ A bundle is a directory (optionally packed as one ``.tar`` or ``.zip``)::
     model_card.md/.json, parity.json/.md
     diagnosis.json         optional (issue 17): per-layer int8 error and the flips each worst layer
                            explains when kept in float (``convert --diagnose``, or a failed int8 gate)
+    repair.json / .md      optional (issue 17): the remedies ``convert --repair`` tried and the one kept
     MANIFEST.sha256        "<sha256>  <file>" for every other file (sha256sum -c works)
 
 Why so strict: the device has nothing but the bundle (habit 3: the bundle

@@ -57,6 +57,9 @@ def register(subparsers) -> None:
     p.add_argument("--diagnose", action="store_true",
                    help="int8/uint8: per-layer quantisation error and which layer, kept in float, removes the flips "
                    "(diagnosis.json, parity.md); done anyway when the gate fails")
+    p.add_argument("--repair", action="store_true",
+                   help="int8/uint8: after a failed gate, try the worst layers in float (1..3), then 16x8, "
+                   "chosen on the val split and graded on test (repair.md, repair.json)")
     p.add_argument("--out", type=Path, required=True, metavar="BUNDLE", help="bundle directory to write")
     p.set_defaults(func=run)
 
@@ -88,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         ood_fit=args.ood_fit,
         um_per_px=args.um_per_px,
         diagnose=args.diagnose,
+        repair=args.repair,
     )
     from ..errors import ParityError
 
@@ -139,6 +143,8 @@ def _print_summary(result) -> None:
     if result.diagnosis is not None:
         d = result.diagnosis
         print(f"diagnosis: {d.get('verdict') or 'did not complete: ' + str(d.get('error'))} (parity.md, diagnosis.json)", file=out)
+    if result.repair is not None:
+        print(f"repair: {result.repair['verdict']} (repair.md, repair.json)", file=out)
     print(f"parity gate: {'PASSED' if r.passed else 'FAILED (bundle marked invalid)'}", file=out)
 
 

@@ -139,7 +139,7 @@ def diagnose(
     }
     if flipped.any():
         float_top = float_probs.argmax(1)
-        runner = _Requantizer(debugger, mode, bundle_dir)
+        runner = Requantizer(debugger.converter, debugger.calibrated_model, mode, bundle_dir)
         try:
             # The full int8 model again, from the debugger's calibration: if it does not flip
             # the same images as the bundle, the fallback figures below are not comparable.
@@ -273,55 +273,60 @@ def _layer_name(tensor: str, names: set[str], outputs: list[str]) -> str:
 
 
 # ---------------------------------------------------------------- selective float fallback
-class _Requantizer:
-    """Quantises the debugger's calibrated model again (optionally with one node in float) and runs it on the device path.
+class Requantizer:
+    """Quantises a calibrated model (the debugger's, or :mod:`.repair`'s) again, optionally with nodes in float, and runs it on the device path.
 
     Each model runs in a copy of the provisional bundle (its bundle.json input /
     outputs rewritten from the model, re-checksummed), loaded by ``load_bundle``
     and classified by :class:`leukoedge.runtime.Classifier`, like any bundle.
     """
 
-    def __init__(self, debugger, mode: QuantMode, bundle_dir: Path) -> None:
-        self._debugger, self._mode, self._bundle = debugger, mode, Path(bundle_dir)
+    def __init__(self, converter, calibrated_model: bytes, mode: QuantMode, bundle_dir: Path) -> None:
+        self._converter, self._calibrated, self._mode, self._bundle = converter, calibrated_model, mode, Path(bundle_dir)
         self._tmp = Path(tempfile.mkdtemp(prefix="leukoedge-diagnose-"))
 
-    def quantize(self, denylisted: str | None) -> bytes:
+    def quantize(self, denylisted: str | list[str] | None) -> bytes:
+        """The calibrated model quantised again, the ``denylisted`` op output tensor(s) kept in float."""
         from tensorflow.lite.python import (
             convert as tf_convert,  # what the debugger itself calls
         )
 
-        converter = self._debugger.converter
+        converter = self._converter
+        nodes = [denylisted] if isinstance(denylisted, str) else list(denylisted or [])
         io_type = export.io_dtype(self._mode)
         try:
             with export.quiet_converter():
                 # The arguments the converter's own int8 path passes (lite.py, ``_quantize``).
                 return bytes(tf_convert.mlir_quantize(
-                    self._debugger.calibrated_model,
+                    self._calibrated,
                     disable_per_channel=converter._experimental_disable_per_channel,
                     input_data_type=io_type,
                     output_data_type=io_type,
                     disable_per_channel_for_dense_layers=(
                         converter._experimental_disable_per_channel_quantization_for_dense_layers),
-                    denylisted_nodes=[denylisted] if denylisted else None,
+                    denylisted_nodes=nodes or None,
                 ))
         except (ValueError, RuntimeError, TypeError) as err:
-            what = f"with {denylisted} in float" if denylisted else "again"
+            what = f"with {', '.join(nodes)} in float" if nodes else "again"
             raise ConversionError(f"diagnosis: quantising the model {what} failed: {_last_line(err)}") from None
 
     def top1(self, denylisted: str | None, images: np.ndarray) -> np.ndarray:
+        return parity.predict_device(self.classifier(self.quantize(denylisted)), images).argmax(1)
+
+    def classifier(self, model: bytes, num_threads: int | None = None):
+        """A :class:`~leukoedge.runtime.Classifier` of ``model`` in a copy of the bundle (input/outputs read from the model)."""
         from ..runtime import Classifier
 
         variant = self._tmp / "bundle"
         if variant.exists():
             shutil.rmtree(variant)
         shutil.copytree(self._bundle, variant)
-        atomic_write_bytes(variant / MODEL_NAME, self.quantize(denylisted), fsync=False)
+        atomic_write_bytes(variant / MODEL_NAME, model, fsync=False)
         meta = writer.read_json_or_none(variant / META_NAME)
         meta["input"], meta["outputs"] = writer.interpreter_io(variant / MODEL_NAME)
         write_json(variant / META_NAME, meta)
         write_manifest(variant)
-        classifier = Classifier(load_bundle(variant, allow_invalid=True), edgetpu="off")
-        return parity.predict_device(classifier, images).argmax(1)
+        return Classifier(load_bundle(variant, allow_invalid=True), num_threads=num_threads, edgetpu="off")
 
     def close(self) -> None:
         shutil.rmtree(self._tmp, ignore_errors=True)

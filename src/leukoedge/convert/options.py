@@ -47,6 +47,8 @@ class ConvertOptions:
             or adding to the run's recorded scale (see :mod:`.pixel_size`); None keeps the run's.
         diagnose: explain the int8 model's flips layer by layer (:mod:`.diagnose`) even when
             the gate passes; a full-integer gate that fails is always diagnosed.
+        repair: after a failed full-integer gate, try float fallback for the worst layers, then
+            16x8, chosen on the val split (:mod:`.repair`); the kept model is graded on test.
     """
 
     run_dir: Path
@@ -68,6 +70,7 @@ class ConvertOptions:
     ood_fit: int = DEFAULT_OOD_FIT
     um_per_px: float | None = None
     diagnose: bool = False
+    repair: bool = False
 
     def __post_init__(self) -> None:
         from ..train.training_scale import check_um_per_px
@@ -89,6 +92,12 @@ class ConvertOptions:
                 f"--diagnose explains full-integer quantisation (int8, uint8); --quantize {self.quantize} quantises no activations",
                 hint="drop --diagnose, or use --quantize int8",
             )
+        if self.repair and not mode.full_integer:
+            raise UsageError(f"--repair repairs full-integer quantisation (int8, uint8), not --quantize {self.quantize}",
+                             hint="drop --repair, or use --quantize int8")
+        if self.repair and self.edgetpu:
+            raise UsageError("--repair with --edgetpu is not supported yet: a repaired model is not the one compiled "
+                             "for the Edge TPU", hint="drop one of --repair / --edgetpu")
         if not 0.0 <= self.max_drop <= 100.0:
             raise UsageError(f"--max-drop must be between 0 and 100 percentage points, got {self.max_drop}")
         if not 0.0 <= self.min_agreement <= 1.0:

@@ -36,7 +36,7 @@ from ..preprocess import PreprocessSpec
 from ..train.rundir import RunConfig, RunDir
 from ..runtime.scores import FEATURE_METHODS
 from .. import quality
-from . import calibration, diagnose, edgetpu as edgetpu_check, export, parity, trust, trust_plots, trust_report, writer
+from . import calibration, diagnose, edgetpu as edgetpu_check, export, parity, repair, trust, trust_plots, trust_report, writer
 from .pixel_size import bundle_scale
 from .modes import MIN_CALIBRATION, MODES
 from .options import ConvertOptions
@@ -55,6 +55,7 @@ class ConvertResult:
     trust: dict | None = None
     scale: dict | None = None
     diagnosis: dict | None = None
+    repair: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,10 @@ def convert_run(options: ConvertOptions, *, representative_images: np.ndarray | 
         if options.mode.full_integer and (options.diagnose or not report.passed):
             diagnosis = _diagnose(staging, options, run, model, export_model, calibration_images, test_entries,
                                   test_images, float_test, quant_test)
+        repaired = None
+        if options.repair and not report.passed and diagnosis is not None:
+            report, float_test, repaired = _repair(staging, options, run, model, export_model, calibration_images,
+                                                   diagnosis, common, report, float_test, test_entries, test_images)
         trusted = _fit_trust(staging, options, run, score, test_entries, test_images, model, float_test)
         for name, array in trusted.arrays.items():
             with atomic_path(staging / name) as tmp:
@@ -130,7 +135,7 @@ def convert_run(options: ConvertOptions, *, representative_images: np.ndarray | 
         trusted.report["reliability_plot"] = trust.RELIABILITY_PLOT
         write_json(staging / "trust.json", trusted.report)
         atomic_write_text(staging / "trust.md", trust_report.to_markdown(trusted.report, f"Trust report: {run.config.model} ({options.quantize})"))
-        _write_reports(staging, run, report, common, trusted.report, diagnosis)
+        _write_reports(staging, run, report, common, trusted.report, diagnosis, repaired)
         writer.commit(staging, options.out)
     finally:
         if staging.exists():
@@ -138,27 +143,84 @@ def convert_run(options: ConvertOptions, *, representative_images: np.ndarray | 
     archive = make_archive(options.out, options.archive) if options.archive else None
     heatmap = common["heatmap"]
     result = ConvertResult(
-        options.out, archive, report, size, tpu_report, heatmap["method"] if heatmap else None, trusted.report,
-        run.scale, diagnosis,
+        options.out, archive, report, common["size"], tpu_report, heatmap["method"] if heatmap else None, trusted.report,
+        run.scale, diagnosis, repaired.to_dict() if repaired is not None else None,
     )
     if not report.passed:
         err = ParityError(
             f"the {options.quantize} model does not classify like the float model: {'; '.join(report.reasons)}. "
             f"The bundle was written to {options.out} but marked invalid",
-            hint=_failure_hint(diagnosis),
+            hint=_failure_hint(diagnosis, repaired, options.repair),
         )
         err.result = result
         raise err
     return result
 
 
-def _failure_hint(diagnosis: dict | None) -> str:
-    """What to look at after a failed gate: the diagnosis's finding when there is one."""
+def _failure_hint(diagnosis: dict | None, repaired: repair.RepairResult | None = None, tried: bool = False) -> str:
+    """What to look at after a failed gate: the diagnosis's finding when there is one, and the repair's."""
     generic = "more calibration images (--calibration) or --quantize float16/dynamic may help"
     if diagnosis is None:
         return f"see parity.md in the bundle; {generic}"
     found = diagnosis.get("verdict") or f"the diagnosis failed ({diagnosis.get('error')})"
-    return f"diagnosis (parity.md, {diagnose.DIAGNOSIS_NAME}): {found}; {generic}"
+    if repaired is not None:
+        return f"diagnosis (parity.md, {diagnose.DIAGNOSIS_NAME}): {found}; repair ({repair.REPAIR_MD}): {repaired.verdict}"
+    offer = "" if tried else "; --repair tries float fallback for the worst layers, then 16x8"
+    return f"diagnosis (parity.md, {diagnose.DIAGNOSIS_NAME}): {found}{offer}; {generic}"
+
+
+def _repair(staging: Path, options: ConvertOptions, run: _Run, model, export_model, calibration_images: np.ndarray,
+            diagnosis: dict, common: dict, report: parity.ParityReport, float_test: np.ndarray, test_entries,
+            test_images: np.ndarray):
+    """``--repair`` after a failed gate (:mod:`.repair`): choose a remedy on VAL, grade it on TEST with the gate.
+
+    A kept remedy replaces model.tflite in the provisional bundle (its input/outputs
+    and size read again from the model) and is graded like any bundle; with none kept
+    the bundle and its failed report stay as they are.
+    """
+    val_entries = run.manifest.subset("val")
+    if not val_entries:
+        raise ConversionError("--repair chooses a remedy on the val split, and the manifest's val split is empty")
+    val_images = calibration.load_images(run.manifest, val_entries, run.spec, options.data_root, "val")
+    result = repair.repair(
+        export_model, options.mode,
+        calibration_images=calibration_images, diagnosis=diagnosis, bundle_dir=staging,
+        val_images=val_images,
+        y_val=np.array([run.manifest.label_index(e.label) for e in val_entries], dtype=np.int64),
+        float_val=parity.predict_float(model, val_images), classes=list(run.config.classes),
+        max_drop=options.max_drop, min_agreement=options.min_agreement,
+        full_int8=(staging / MODEL_NAME).read_bytes(),
+    )
+    log.info("repair: %s", result.verdict)
+    repair.record_test(result.attempts[0], report)  # the gate that failed: full int8 on test
+    if result.model is None:
+        return report, float_test, result
+    kept = result.kept or result.best
+    atomic_write_bytes(staging / MODEL_NAME, result.model)
+    common["input_desc"], common["outputs"] = writer.interpreter_io(staging / MODEL_NAME)
+    size = dict(common["size"])
+    size.update(converted_bytes=len(result.model), ratio=size["float32_bytes"] / len(result.model),
+                full_int8_bytes=common["size"]["converted_bytes"])
+    common["size"] = size
+    common["repair"] = {"remedy": kept.remedy, "detail": kept.detail, "denylisted": kept.denylisted,
+                        "passed_validation": result.kept is not None,
+                        "activations": "int16" if kept.remedy == "16x8" else "int8", "float_ops": kept.float_ops,
+                        "report": repair.REPAIR_MD}
+    meta = writer.bundle_meta(valid=False, invalid_reason="parity gate not run yet", parity=None, **common)
+    writer.write_common(staging, list(run.config.classes), meta)
+    writer.finalize(staging)
+    graded, float_test, _ = _grade(staging, model, run.manifest, test_entries, test_images, options)
+    graded = dataclasses.replace(graded, size=size, split_kind=run.manifest.split_kind, leaky=run.manifest.leaky)
+    repair.record_test(kept, graded)
+    if result.kept is None:
+        # The best failed attempt is left for inspection; test must not turn it valid (it was not chosen).
+        graded = dataclasses.replace(graded, passed=False, reasons=[
+            *graded.reasons, "--repair: no remedy passed on the validation images (the best attempt is left here)"])
+    elif graded.passed:
+        result.verdict += "; the test gate PASSES"
+    else:
+        result.verdict += "; but the test gate FAILS, so the bundle is marked invalid (test never chooses a remedy)"
+    return graded, float_test, result
 
 
 def _diagnose(staging: Path, options: ConvertOptions, run: _Run, model, export_model, calibration_images: np.ndarray,
@@ -283,7 +345,7 @@ def _write_model_files(staging: Path, options: ConvertOptions, run: _Run, model,
 
 
 def _write_reports(staging: Path, run: _Run, report: parity.ParityReport, common: dict, trust_report_: dict | None = None,
-                   diagnosis: dict | None = None) -> None:
+                   diagnosis: dict | None = None, repaired: repair.RepairResult | None = None) -> None:
     """Final bundle.json (valid or not), parity.json/.md (with the diagnosis), model card (with the trust figures), checksums."""
     reason = None if report.passed else "parity gate failed: " + "; ".join(report.reasons)
     meta = writer.bundle_meta(valid=report.passed, invalid_reason=reason, parity=report.summary(), **common)
@@ -291,11 +353,21 @@ def _write_reports(staging: Path, run: _Run, report: parity.ParityReport, common
     write_json(staging / "parity.json", report.to_dict())
     if diagnosis is not None:
         diagnose.write(staging, diagnosis)
+    if repaired is not None:
+        repair.write(staging, repaired)
     markdown = report.to_markdown(f"Parity report: {run.config.model} ({report.mode})")
     if diagnosis is not None:
         section = (diagnose.to_markdown(diagnosis) if "verdict" in diagnosis
                    else f"## Diagnosis\n\nThe diagnosis did not complete: {diagnosis['error']}\n")
         footer = markdown.rfind("Research use only")  # the notice stays last
+        markdown = markdown[:footer] + section + "\n" + markdown[footer:] if footer >= 0 else markdown + "\n" + section
+    if repaired is not None:
+        chosen = repaired.kept or repaired.best
+        section = (f"## Repair\n\n{repaired.verdict}. Every attempt (validation flips, size, latency, ops in float) "
+                   f"is in {repair.REPAIR_MD}; the figures above grade the bundle's model"
+                   + (f" ({chosen.remedy}: {chosen.detail}); the diagnosis explains full int8.\n"
+                      if chosen else " (full int8).\n"))
+        footer = markdown.rfind("Research use only")
         markdown = markdown[:footer] + section + "\n" + markdown[footer:] if footer >= 0 else markdown + "\n" + section
     atomic_write_text(staging / "parity.md", markdown)
     writer.write_model_card(

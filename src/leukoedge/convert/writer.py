@@ -101,6 +101,7 @@ def bundle_meta(
     calibration: dict | None = None,
     scale: dict | None = None,
     quality: dict | None = None,
+    repair: dict | None = None,
 ) -> dict:
     """bundle.json; ``calibration`` (from ``convert --calibrate``) replaces the bare ``temperature``.
 
@@ -137,6 +138,7 @@ def bundle_meta(
         "size": size,
         "edgetpu": edgetpu,
         "notice": RESEARCH_NOTICE,
+        **({"repair": repair} if repair is not None else {}),
     }
 
 
