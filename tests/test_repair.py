@@ -50,6 +50,7 @@ def test_repair_keeps_the_planted_layer_in_float_and_the_bundle_classifies(plant
     assert "## Repair" in (out / "parity.md").read_text()
     meta = json.loads((out / META_NAME).read_text())
     assert meta["valid"] and meta["repair"]["remedy"] == "float fallback" and meta["repair"]["activations"] == "int8"
+    assert meta["quantize"] == "int8+float-fallback"  # names the model the bundle holds, not the mode asked for
     assert meta["size"]["converted_bytes"] == (out / MODEL_NAME).stat().st_size == kept["size_bytes"]
     clf = Classifier(load_bundle(out), edgetpu="off")
     image = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)

@@ -202,6 +202,9 @@ def _repair(staging: Path, options: ConvertOptions, run: _Run, model, export_mod
     size.update(converted_bytes=len(result.model), ratio=size["float32_bytes"] / len(result.model),
                 full_int8_bytes=common["size"]["converted_bytes"])
     common["size"] = size
+    # bundle.json["quantize"] names the model the bundle holds, not the mode that was asked for.
+    common["quantize"] = {"16x8": "int16x8", "float fallback": f"{options.quantize}+float-fallback"}.get(
+        kept.remedy, options.quantize)
     common["repair"] = {"remedy": kept.remedy, "detail": kept.detail, "denylisted": kept.denylisted,
                         "passed_validation": result.kept is not None,
                         "activations": "int16" if kept.remedy == "16x8" else "int8", "float_ops": kept.float_ops,
