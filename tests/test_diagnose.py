@@ -108,6 +108,20 @@ def test_failed_gate_is_diagnosed_and_the_planted_layer_is_blamed(planted_run, t
     assert md.index(f"| 1 | {PLANTED} |") > md.index("## Diagnosis")
 
 
+def test_diagnose_layers_zero_tests_every_layer_from_the_cli(planted_run, tmp_path, monkeypatch, capsys):
+    """``--diagnose-layers 0``: every layer kept in float in turn, so "no layer removes half" is a finding, not a guess."""
+    monkeypatch.setattr(cli, "COMMAND_MODULES", (("convert", "leukoedge.convert.cli"),))
+    out = tmp_path / "all-layers"
+    code = cli.main(["convert", str(planted_run), "--quantize", "int8", "--calibration", "64", "--diagnose-layers", "0",
+                     "--out", str(out)])
+    diag = json.loads((out / diagnose.DIAGNOSIS_NAME).read_text())
+    assert code != 0 and diag["gate_flips"] > 0  # the planted layer still breaks full int8
+    assert diag["tested_layers"] == len(diag["layers"]) > diagnose.TESTED_LAYERS
+    assert all(r["tested"] for r in diag["layers"]) and diag["blame"]["layer"] == PLANTED
+    with pytest.raises(UsageError, match="--diagnose-layers"):
+        ConvertOptions(run_dir=planted_run, out=tmp_path / "x", diagnose_layers=-1)
+
+
 def test_clean_model_with_diagnose_flag_has_nothing_to_blame(tiny_run, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "COMMAND_MODULES", (("convert", "leukoedge.convert.cli"),))
     out = tmp_path / "clean"

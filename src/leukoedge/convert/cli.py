@@ -57,8 +57,12 @@ def register(subparsers) -> None:
     p.add_argument("--diagnose", action="store_true",
                    help="int8/uint8: per-layer quantisation error and which layer, kept in float, removes the flips "
                    "(diagnosis.json, parity.md); done anyway when the gate fails")
+    p.add_argument("--diagnose-layers", type=int, default=5, metavar="K",
+                   help="the diagnosis keeps each of the K worst-ranked layers in float alone and counts the flips "
+                   "it removes (default 5; 0 tests every layer, which is slow on large nets)")
     p.add_argument("--repair", action="store_true",
-                   help="int8/uint8: after a failed gate, try the worst layers in float (1..3), then 16x8, "
+                   help="int8/uint8: after a failed gate, try more calibration images, the worst layers in float "
+                   "(1..3), then 16x8, "
                    "chosen on the val split and graded on test (repair.md, repair.json)")
     p.add_argument("--out", type=Path, required=True, metavar="BUNDLE", help="bundle directory to write")
     p.set_defaults(func=run)
@@ -91,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         ood_fit=args.ood_fit,
         um_per_px=args.um_per_px,
         diagnose=args.diagnose,
+        diagnose_layers=args.diagnose_layers,
         repair=args.repair,
     )
     from ..errors import ParityError

@@ -104,7 +104,7 @@ def diagnose(
     bundle_dir: Path,
     classes: list[str],
     y_true: np.ndarray,
-    k: int = TESTED_LAYERS,
+    k: int | None = TESTED_LAYERS,
 ) -> dict:
     """The diagnosis of one full-integer conversion, as ``diagnosis.json`` holds it.
 
@@ -115,6 +115,7 @@ def diagnose(
         gate_images / gate_paths / float_probs / quant_probs / y_true: the gate's test
             images and what the float and converted models answered on them.
         bundle_dir: the provisional bundle; each fallback model runs in a copy of it.
+        k: how many of the worst-ranked layers are kept in float one at a time (None: all).
     """
     if not mode.full_integer:
         raise ConversionError(f"--diagnose explains full-integer quantisation; --quantize {mode.name} has none")

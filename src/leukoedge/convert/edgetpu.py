@@ -155,3 +155,38 @@ def _with(report: EdgeTpuReport, **changes) -> EdgeTpuReport:
     data = report.to_dict()
     data.update(changes)
     return EdgeTpuReport(**data)
+
+
+def mappable_ops(model: bytes) -> tuple[int, int]:
+    """(ops the Edge TPU compiler would map, ops in the graph) for a converted model.
+
+    The compiler maps ops from the start of the graph until the first op it
+    cannot run: one not in :data:`EDGETPU_OPS`, or one that reads or writes a
+    tensor that is not 8-bit integer (a float layer kept by ``--repair``'s
+    fallback, any int16 activation of a 16x8 model). That op and everything after
+    it run on the CPU, so the share is a prefix, not a count of good ops.
+    """
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    op_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    type_names = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+    try:
+        root = schema.Model.GetRootAsModel(model, 0)
+        graph = root.Subgraphs(0)
+    except (IndexError, ValueError) as err:
+        raise ConversionError(f"cannot parse the converted model ({err})") from None
+    total = graph.OperatorsLength()
+    for i in range(total):
+        op = graph.Operators(i)
+        code = root.OperatorCodes(op.OpcodeIndex())
+        name = op_names.get(max(code.BuiltinCode(), code.DeprecatedBuiltinCode()))
+        tensors = [t for t in (*_indices(op.InputsAsNumpy()), *_indices(op.OutputsAsNumpy())) if t >= 0]
+        integer = all(type_names.get(graph.Tensors(t).Type()) in _INTEGER_TYPES for t in tensors)
+        if code.CustomCode() or name not in EDGETPU_OPS or not integer:
+            return i, total
+    return total, total
+
+
+def _indices(vector) -> list[int]:
+    """A flatbuffer index vector as ints (the generated code returns 0 for an absent vector)."""
+    return [] if isinstance(vector, int) else [int(t) for t in vector]

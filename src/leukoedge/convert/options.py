@@ -47,8 +47,11 @@ class ConvertOptions:
             or adding to the run's recorded scale (see :mod:`.pixel_size`); None keeps the run's.
         diagnose: explain the int8 model's flips layer by layer (:mod:`.diagnose`) even when
             the gate passes; a full-integer gate that fails is always diagnosed.
-        repair: after a failed full-integer gate, try float fallback for the worst layers, then
-            16x8, chosen on the val split (:mod:`.repair`); the kept model is graded on test.
+        diagnose_layers: how many of the worst-ranked layers the diagnosis keeps in float, one
+            at a time, to count the flips each removes (0: every layer; slow on large nets).
+        repair: after a failed full-integer gate, try more calibration images, float fallback
+            for the worst layers, then 16x8, chosen on the val split (:mod:`.repair`); the kept
+            model is graded on test.
     """
 
     run_dir: Path
@@ -70,6 +73,7 @@ class ConvertOptions:
     ood_fit: int = DEFAULT_OOD_FIT
     um_per_px: float | None = None
     diagnose: bool = False
+    diagnose_layers: int = 5
     repair: bool = False
 
     def __post_init__(self) -> None:
@@ -92,12 +96,11 @@ class ConvertOptions:
                 f"--diagnose explains full-integer quantisation (int8, uint8); --quantize {self.quantize} quantises no activations",
                 hint="drop --diagnose, or use --quantize int8",
             )
+        if self.diagnose_layers < 0:
+            raise UsageError(f"--diagnose-layers must be 0 (every layer) or more, not {self.diagnose_layers}")
         if self.repair and not mode.full_integer:
             raise UsageError(f"--repair repairs full-integer quantisation (int8, uint8), not --quantize {self.quantize}",
                              hint="drop --repair, or use --quantize int8")
-        if self.repair and self.edgetpu:
-            raise UsageError("--repair with --edgetpu is not supported yet: a repaired model is not the one compiled "
-                             "for the Edge TPU", hint="drop one of --repair / --edgetpu")
         if not 0.0 <= self.max_drop <= 100.0:
             raise UsageError(f"--max-drop must be between 0 and 100 percentage points, got {self.max_drop}")
         if not 0.0 <= self.min_agreement <= 1.0:

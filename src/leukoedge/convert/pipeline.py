@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bundle import CAM_WEIGHTS_NAME, MODEL_NAME, load_bundle, make_archive
+from ..bundle import CAM_WEIGHTS_NAME, EDGETPU_MODEL_NAME, MODEL_NAME, load_bundle, make_archive
 from ..data.records import Manifest
 from ..errors import BundleError, ConversionError, ParityError, RunError
 from ..files import atomic_path, atomic_write_bytes, atomic_write_text, sha256_file, write_json
@@ -125,7 +125,8 @@ def convert_run(options: ConvertOptions, *, representative_images: np.ndarray | 
         repaired = None
         if options.repair and not report.passed and diagnosis is not None:
             report, float_test, repaired = _repair(staging, options, run, model, export_model, calibration_images,
-                                                   diagnosis, common, report, float_test, test_entries, test_images)
+                                                   diagnosis, common, report, float_test, test_entries, test_images,
+                                                   given_calibration=representative_images is not None)
         trusted = _fit_trust(staging, options, run, score, test_entries, test_images, model, float_test)
         for name, array in trusted.arrays.items():
             with atomic_path(staging / name) as tmp:
@@ -142,6 +143,8 @@ def convert_run(options: ConvertOptions, *, representative_images: np.ndarray | 
             shutil.rmtree(staging)
     archive = make_archive(options.out, options.archive) if options.archive else None
     heatmap = common["heatmap"]
+    if common.get("edgetpu") is not None:
+        tpu_report = edgetpu_check.EdgeTpuReport(**common["edgetpu"])  # the repaired model's, after --repair
     result = ConvertResult(
         options.out, archive, report, common["size"], tpu_report, heatmap["method"] if heatmap else None, trusted.report,
         run.scale, diagnosis, repaired.to_dict() if repaired is not None else None,
@@ -165,18 +168,20 @@ def _failure_hint(diagnosis: dict | None, repaired: repair.RepairResult | None =
     found = diagnosis.get("verdict") or f"the diagnosis failed ({diagnosis.get('error')})"
     if repaired is not None:
         return f"diagnosis (parity.md, {diagnose.DIAGNOSIS_NAME}): {found}; repair ({repair.REPAIR_MD}): {repaired.verdict}"
-    offer = "" if tried else "; --repair tries float fallback for the worst layers, then 16x8"
+    offer = "" if tried else "; --repair tries more calibration images, float fallback for the worst layers, then 16x8"
     return f"diagnosis (parity.md, {diagnose.DIAGNOSIS_NAME}): {found}{offer}; {generic}"
 
 
 def _repair(staging: Path, options: ConvertOptions, run: _Run, model, export_model, calibration_images: np.ndarray,
             diagnosis: dict, common: dict, report: parity.ParityReport, float_test: np.ndarray, test_entries,
-            test_images: np.ndarray):
+            test_images: np.ndarray, given_calibration: bool = False):
     """``--repair`` after a failed gate (:mod:`.repair`): choose a remedy on VAL, grade it on TEST with the gate.
 
     A kept remedy replaces model.tflite in the provisional bundle (its input/outputs
     and size read again from the model) and is graded like any bundle; with none kept
-    the bundle and its failed report stay as they are.
+    the bundle and its failed report stay as they are. ``given_calibration``: the caller
+    replaced the calibration images (an experiment), so there is no train-split sample
+    to enlarge and every remedy calibrates on the caller's images.
     """
     val_entries = run.manifest.subset("val")
     if not val_entries:
@@ -190,6 +195,7 @@ def _repair(staging: Path, options: ConvertOptions, run: _Run, model, export_mod
         float_val=parity.predict_float(model, val_images), classes=list(run.config.classes),
         max_drop=options.max_drop, min_agreement=options.min_agreement,
         full_int8=(staging / MODEL_NAME).read_bytes(),
+        more_calibration=lambda: _more_calibration(options, run, len(calibration_images), given_calibration),
     )
     log.info("repair: %s", result.verdict)
     repair.record_test(result.attempts[0], report)  # the gate that failed: full int8 on test
@@ -202,12 +208,15 @@ def _repair(staging: Path, options: ConvertOptions, run: _Run, model, export_mod
     size.update(converted_bytes=len(result.model), ratio=size["float32_bytes"] / len(result.model),
                 full_int8_bytes=common["size"]["converted_bytes"])
     common["size"] = size
+    if options.edgetpu:
+        _recheck_edgetpu(staging, common, result.model)
     # bundle.json["quantize"] names the model the bundle holds, not the mode that was asked for.
     common["quantize"] = {"16x8": "int16x8", "float fallback": f"{options.quantize}+float-fallback"}.get(
         kept.remedy, options.quantize)
     common["repair"] = {"remedy": kept.remedy, "detail": kept.detail, "denylisted": kept.denylisted,
                         "passed_validation": result.kept is not None,
                         "activations": "int16" if kept.remedy == "16x8" else "int8", "float_ops": kept.float_ops,
+                        "edgetpu_mapped_ops": [kept.tpu_mapped_ops, kept.total_ops],
                         "report": repair.REPAIR_MD}
     meta = writer.bundle_meta(valid=False, invalid_reason="parity gate not run yet", parity=None, **common)
     writer.write_common(staging, list(run.config.classes), meta)
@@ -224,6 +233,29 @@ def _repair(staging: Path, options: ConvertOptions, run: _Run, model, export_mod
     else:
         result.verdict += "; but the test gate FAILS, so the bundle is marked invalid (test never chooses a remedy)"
     return graded, float_test, result
+
+
+def _recheck_edgetpu(staging: Path, common: dict, model: bytes) -> None:
+    """``--edgetpu`` with ``--repair``: the TPU check and compile of the model the bundle now holds, not full int8's."""
+    (staging / EDGETPU_MODEL_NAME).unlink(missing_ok=True)
+    tpu_report = edgetpu_check.inspect(model)
+    tpu_report, compiled = edgetpu_check.compile_model(staging / MODEL_NAME, staging, tpu_report)
+    common["edgetpu"], common["has_edgetpu"] = tpu_report.to_dict(), compiled is not None
+
+
+def _more_calibration(options: ConvertOptions, run: _Run, used: int, given: bool) -> tuple[np.ndarray, str]:
+    """The repair's larger calibration sample: another stratified train-split draw (another seed), n times larger."""
+    if given:
+        raise ConversionError("the calibration images were given by the caller, so there is no train-split "
+                              "sample to enlarge")
+    train = len(run.manifest.subset("train"))
+    n = min(train, repair.MORE_CALIBRATION_MAX, repair.MORE_CALIBRATION_FACTOR * options.calibration_size)
+    if n <= used:
+        raise ConversionError(f"the train split has {train} images and calibration already used {used}: no more to add")
+    seed = run.config.seed + 1
+    entries = calibration.select_calibration(run.manifest, n, seed)
+    images = calibration.load_images(run.manifest, entries, run.spec, options.data_root, "more calibration")
+    return images, f"{n} train images (stratified, seed {seed}; the gate's model used {used})"
 
 
 def _diagnose(staging: Path, options: ConvertOptions, run: _Run, model, export_model, calibration_images: np.ndarray,
@@ -249,6 +281,7 @@ def _diagnose(staging: Path, options: ConvertOptions, run: _Run, model, export_m
             bundle_dir=staging,
             classes=list(run.config.classes),
             y_true=np.array([run.manifest.label_index(e.label) for e in test_entries], dtype=np.int64),
+            k=options.diagnose_layers or None,
         )
     except ConversionError as err:
         if options.diagnose:

@@ -4,19 +4,28 @@ Issue 17, item 2. The remedies, cheapest first (each one a TFLite model run
 through the device runtime, :class:`leukoedge.runtime.Classifier`, in a copy of
 the provisional bundle, as the gate runs any bundle):
 
-1. **float fallback for the k worst layers** of the diagnosis ranking
+1. **more calibration images**: full int8 again, calibrated on a larger and
+   different stratified train-split sample (:data:`MORE_CALIBRATION_FACTOR` times
+   ``--calibration``, another seed, at most :data:`MORE_CALIBRATION_MAX`): the
+   same size and speed as full int8, so it is tried first; skipped when the train
+   split has no more images than calibration already used;
+2. **float fallback for the k worst layers** of the diagnosis ranking
    (:mod:`.diagnose`, worst ``rmse_per_step`` first), k = 1 .. :data:`MAX_FALLBACK_LAYERS`:
    the calibrated model quantised again with those op outputs denylisted
    (``mlir_quantize(denylisted_nodes=...)``), int8 I/O kept;
-2. **16x8** for the whole model (int16 activations, int8 weights,
+3. **16x8** for the whole model (int16 activations, int8 weights,
    ``EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8``). TFLite allows
    float32 or int16 I/O for it, never int8; the runtime feeds float32 (raw pixels,
    ``Rescaling`` is in the model) and has no int16 input path, so the 16x8 model
    has float32 input/output (a QUANTIZE op in front, a DEQUANTIZE behind) and the
    bundle's ``input`` records float32, read from the model like every bundle.
+   16x8 for single layers is not offered: the TFLite converter quantises a whole
+   model in one activation width (``ai-edge-quantizer`` has per-op recipes; it is
+   not a dependency here).
 
-More calibration images are not tried (not wired yet: it needs a second
-train-split selection and decode).
+Every attempt also records how much of its graph the Edge TPU compiler would map
+(:func:`.edgetpu.mappable_ops`: the prefix up to the first float, int16 or
+unsupported op), so a user who deploys to a Coral sees what a remedy costs there.
 
 **The choice is made on VALIDATION images only**: each attempt is graded by the
 gate's own decision (:func:`.parity.compare`, the same tolerances) of float vs the
@@ -32,13 +41,14 @@ the ratio means something (``leukoedge bench`` measures a Pi).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from ..errors import ConversionError
 from ..files import atomic_write_text, write_json
-from . import calibration, export, parity
+from . import calibration, edgetpu, export, parity
 from .diagnose import Requantizer, _last_line
 from .modes import QuantMode
 
@@ -46,6 +56,10 @@ log = logging.getLogger(__name__)
 
 #: Most worst-ranked layers kept in float together before trying 16x8.
 MAX_FALLBACK_LAYERS = 3
+#: The "more calibration images" remedy calibrates on this many times ``--calibration`` images ...
+MORE_CALIBRATION_FACTOR = 3
+#: ... but on no more than this many (decoding and calibrating on more costs minutes, gains little).
+MORE_CALIBRATION_MAX = 1000
 #: Invokes behind each attempt's p50 latency (one thread; rough).
 LATENCY_INVOKES = 30
 REPAIR_JSON = "repair.json"
@@ -58,12 +72,13 @@ _CONVERSION_OPS = {"QUANTIZE", "DEQUANTIZE"}
 class Attempt:
     """One remedy tried, as repair.json lists it."""
 
-    remedy: str  # "full int8", "float fallback", "16x8"
+    remedy: str  # "full int8", "more calibration", "float fallback", "16x8"
     detail: str
     denylisted: list[str] = field(default_factory=list)
     val_images: int = 0
     val_flips: int = 0
     val_agreement: float = 0.0
+    val_accuracy: float = 0.0
     val_passed: bool = False
     val_reasons: list[str] = field(default_factory=list)
     size_bytes: int = 0
@@ -73,6 +88,8 @@ class Attempt:
     input_dtype: str = ""
     float_ops: list[str] = field(default_factory=list)  # ops computing in float (not int8/int16)
     int16_ops: int = 0
+    tpu_mapped_ops: int = 0  # ops the Edge TPU compiler would map (a prefix of the graph)
+    total_ops: int = 0
     kept: bool = False
     test: dict | None = None  # the normal gate on test: full int8 (the gate that failed) and the kept attempt only
     error: str | None = None
@@ -99,7 +116,8 @@ class RepairResult:
                              "thread, on the converting machine: a rough figure; "
                              "compare attempts by their ratio to full int8"),
             "max_fallback_layers": MAX_FALLBACK_LAYERS,
-            "skipped": ["more calibration images (not wired)", "16x8 for the worst layers only (whole model only)"],
+            "skipped": ["16x8 for the worst layers only (the TFLite converter quantises a whole model in one "
+                        "activation width)"],
             "kept": f"{self.kept.remedy} ({self.kept.detail})" if self.kept else None,
             "best_failed": f"{self.best.remedy} ({self.best.detail})" if self.best else None,
             "attempts": [asdict(a) for a in self.attempts],
@@ -120,8 +138,14 @@ def repair(
     max_drop: float,
     min_agreement: float,
     full_int8: bytes,
+    more_calibration: Callable[[], tuple[np.ndarray, str]] | None = None,
 ) -> RepairResult:
-    """Try the remedies in order (module docstring); stop at the first that passes on validation."""
+    """Try the remedies in order (module docstring); stop at the first that passes on validation.
+
+    ``more_calibration``: returns the larger calibration sample and a line saying
+    what it is; it raises :class:`ConversionError` when the train split has no
+    more images (the attempt is then listed as skipped). None skips the remedy.
+    """
     paths = [f"val[{i}]" for i in range(len(val_images))]
     converter, calibrated = _calibrated(export_model, mode, calibration_images)
     runner = Requantizer(converter, calibrated, mode, bundle_dir)
@@ -136,10 +160,12 @@ def repair(
                                     max_drop=max_drop, min_agreement=min_agreement, worst=0)
             attempt.val_images, attempt.val_flips = graded.n_images, graded.flips
             attempt.val_agreement, attempt.val_passed, attempt.val_reasons = graded.agreement, graded.passed, graded.reasons
+            attempt.val_accuracy = graded.quant_accuracy
             attempt.size_bytes = len(model)
             attempt.p50_invoke_ms = _p50(clf, val_images[0])
             attempt.input_dtype = clf.bundle.input["dtype"]
             attempt.float_ops, attempt.int16_ops = op_types(model)
+            attempt.tpu_mapped_ops, attempt.total_ops = edgetpu.mappable_ops(model)
             base = attempts[0] if attempts else attempt
             models[len(attempts)] = model
             attempt.latency_vs_int8 = attempt.p50_invoke_ms / base.p50_invoke_ms if base.p50_invoke_ms else float("nan")
@@ -155,7 +181,9 @@ def repair(
             return RepairResult(attempts, None, None, (
                 "full int8 already passes on the validation images, so no remedy can be chosen without "
                 "looking at test; nothing was kept"))
-        for k, tensors in enumerate(_fallback_sets(diagnosis), 1):
+        if more_calibration is not None:
+            kept_model = _try_more_calibration(export_model, mode, more_calibration, attempts, measure)
+        for k, tensors in enumerate([] if kept_model is not None else _fallback_sets(diagnosis), 1):
             names = ", ".join(_layer_names(diagnosis)[:k])
             attempt = Attempt("float fallback", f"{k} worst layer(s) in float: {names}", denylisted=tensors)
             try:
@@ -192,6 +220,20 @@ def repair(
     return RepairResult(attempts, kept, kept_model, f"kept {kept.remedy} ({kept.detail}): passes on validation")
 
 
+def _try_more_calibration(export_model, mode: QuantMode, more_calibration, attempts: list, measure) -> bytes | None:
+    """Full int8 calibrated on the larger sample; the model when it passes on validation, else None."""
+    attempt = Attempt("more calibration", "full int8 calibrated on more train images")
+    try:
+        images, what = more_calibration()
+        attempt.detail = f"full int8 calibrated on {what}"
+        model = export.convert(export_model, mode, calibration.representative_dataset(images))
+    except ConversionError as err:
+        attempt.error = err.message
+        attempts.append(attempt)
+        return None
+    return model if measure(attempt, model) else None
+
+
 def record_test(attempt: Attempt, report: parity.ParityReport) -> None:
     """The normal gate on test (the pipeline's grading) of full int8 or of the kept model, into its attempt."""
     attempt.test = {"agreement": report.agreement, "flips": report.flips, "n": report.n_images,
@@ -210,21 +252,23 @@ def to_markdown(result: RepairResult) -> str:
               "(the gate's test of float vs candidate top-1 at the gate's tolerances); only the kept attempt is "
               "graded on test. Latency: p50 of "
               f"{LATENCY_INVOKES} invokes on one thread on the converting machine, a rough figure; the ratio to "
-              "full int8 is what counts. Not tried: more calibration images (not wired), 16x8 for single layers."),
+              "full int8 is what counts. Edge TPU: ops the compiler would map, from the start of the graph to the "
+              "first float, int16 or unsupported op (everything after runs on the CPU). Not tried: 16x8 for "
+              "single layers (the converter quantises a whole model in one activation width)."),
              "",
-             ("| # | remedy | detail | val flips | val agreement | test agreement | test accuracy | size (B) | "
-              "size vs int8 | p50 invoke (ms) | vs int8 | input | ops in float |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             ("| # | remedy | detail | val flips | val agreement | val accuracy | test agreement | test accuracy | "
+              "size (B) | size vs int8 | p50 invoke (ms) | vs int8 | input | ops in float | Edge TPU ops |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, a in enumerate(result.attempts, 1):
         if a.error:
-            lines.append(f"| {i} | {a.remedy} | {a.detail} | conversion failed: {a.error} | | | | | | | | | |")
+            lines.append(f"| {i} | {a.remedy} | {a.detail} | no result: {a.error} | | | | | | | | | | | |")
             continue
         test = a.test or {}
         lines.append(
             f"| {i} | {a.remedy}{' (kept)' if a.kept else ''} | {a.detail} | {a.val_flips} of {a.val_images} | "
-            f"{a.val_agreement:.4f} | {_num(test.get('agreement'))} | {_num(test.get('accuracy'))} | {a.size_bytes:,} | "
+            f"{a.val_agreement:.4f} | {a.val_accuracy:.4f} | {_num(test.get('agreement'))} | {_num(test.get('accuracy'))} | {a.size_bytes:,} | "
             f"{a.size_vs_int8:.2f}x | {a.p50_invoke_ms:.3f} | {a.latency_vs_int8:.2f}x | {a.input_dtype} | "
-            f"{', '.join(a.float_ops) or 'none'} |")
+            f"{', '.join(a.float_ops) or 'none'} | {a.tpu_mapped_ops} of {a.total_ops} |")
     lines += ["", "Research use only; not a diagnostic device.", ""]
     return "\n".join(lines)
 

@@ -164,6 +164,7 @@ def write_model_card(
         "size": meta["size"],
         "abstention": _without_scorer_arrays(meta["abstention"]),
         "calibration": meta.get("calibration"),
+        **({"repair": meta["repair"]} if meta.get("repair") else {}),
     }
     card = dict(run_card or {"model": meta["model"]["name"], "labels": meta["labels"]})
     card["on_device"] = conversion
@@ -201,6 +202,7 @@ def write_model_card(
         f"- parity gate: {'passed' if meta['valid'] else 'FAILED: ' + str(meta['invalid_reason'])}; "
         f"float accuracy {parity.get('float_accuracy', float('nan')):.4f}, converted {parity.get('quant_accuracy', float('nan')):.4f}, "
         f"agreement {parity.get('agreement', float('nan')):.4f} (details in parity.md)",
+        *_repair_lines(meta),
         *_scale_lines(meta),
         *_trust_lines(meta),
         *trust_report_md.calibration_section(trust_report, meta["quantize"]),
@@ -209,6 +211,20 @@ def write_model_card(
         "",
     ]
     atomic_write_text(staging / "model_card.md", head + "\n".join(section))
+
+
+def _repair_lines(meta: dict) -> list[str]:
+    """What ``convert --repair`` changed, so the card never presents a repaired model as plain full int8."""
+    fix = meta.get("repair")
+    if not fix:
+        return []
+    chosen = "chosen on the val split" if fix.get("passed_validation") else "the best FAILED attempt, left for inspection"
+    floats = ", ".join(fix.get("float_ops") or []) or "none"
+    mapped = fix.get("edgetpu_mapped_ops") or []
+    tpu = f"; Edge TPU would map {mapped[0]} of {mapped[1]} ops" if len(mapped) == 2 else ""
+    return [f"- repaired (`convert --repair`): full int8 failed the gate; this model is {fix['remedy']} "
+            f"({fix['detail']}), {chosen}; activations {fix.get('activations', 'int8')}, ops in float: {floats}{tpu} "
+            f"(every attempt in {fix.get('report', 'repair.md')})"]
 
 
 def replace_section(markdown: str, title: str, body: list[str]) -> str:
