@@ -64,6 +64,12 @@ def register(subparsers) -> None:
                    help="int8/uint8: after a failed gate, try more calibration images, the worst layers in float "
                    "(1..3), then 16x8, "
                    "chosen on the val split and graded on test (repair.md, repair.json)")
+    p.add_argument("--member", type=Path, action="append", default=[], metavar="RUN_DIR",
+                   help="another training run (same split, classes and preprocessing, e.g. another --seed) averaged "
+                   "with RUN_DIR in one model; repeatable. Costs one invoke and one model's size per member")
+    p.add_argument("--tta", choices=["none", "flips", "dihedral"], default="none",
+                   help="test-time augmentation inside the model: the mean over the identity and flipped views "
+                   "(flips: 4 views) or all 8 flips and 90-degree rotations (dihedral); costs one invoke per view")
     p.add_argument("--out", type=Path, required=True, metavar="BUNDLE", help="bundle directory to write")
     p.set_defaults(func=run)
 
@@ -96,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
         um_per_px=args.um_per_px,
         diagnose=args.diagnose,
         diagnose_layers=args.diagnose_layers,
+        members=tuple(args.member),
+        tta=args.tta,
         repair=args.repair,
     )
     from ..errors import ParityError

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..bundle import ARCHIVE_KINDS
 from ..errors import UsageError
+from .ensemble import TTA_VIEWS
 from .modes import DEFAULT_CALIBRATION, MIN_CALIBRATION, MODES, QuantMode
 
 #: Abstention scores ``convert`` can fit on the converted model (see ``convert.trust``).
@@ -49,6 +50,8 @@ class ConvertOptions:
             the gate passes; a full-integer gate that fails is always diagnosed.
         diagnose_layers: how many of the worst-ranked layers the diagnosis keeps in float, one
             at a time, to count the flips each removes (0: every layer; slow on large nets).
+        members: further training runs averaged with ``run_dir`` in one model (:mod:`.ensemble`).
+        tta: test-time views averaged inside the model: ``none``, ``flips`` or ``dihedral``.
         repair: after a failed full-integer gate, try more calibration images, float fallback
             for the worst layers, then 16x8, chosen on the val split (:mod:`.repair`); the kept
             model is graded on test.
@@ -75,6 +78,8 @@ class ConvertOptions:
     diagnose: bool = False
     diagnose_layers: int = 5
     repair: bool = False
+    members: tuple[Path, ...] = ()
+    tta: str = "none"
 
     def __post_init__(self) -> None:
         from ..train.training_scale import check_um_per_px
@@ -96,6 +101,10 @@ class ConvertOptions:
                 f"--diagnose explains full-integer quantisation (int8, uint8); --quantize {self.quantize} quantises no activations",
                 hint="drop --diagnose, or use --quantize int8",
             )
+        if self.tta not in TTA_VIEWS:
+            raise UsageError(f"unknown --tta {self.tta!r}; use one of {', '.join(TTA_VIEWS)}")
+        if any(Path(m).resolve() == Path(self.run_dir).resolve() for m in self.members):
+            raise UsageError("--member repeats RUN_DIR; each member is a different training run")
         if self.diagnose_layers < 0:
             raise UsageError(f"--diagnose-layers must be 0 (every layer) or more, not {self.diagnose_layers}")
         if self.repair and not mode.full_integer:

@@ -21,6 +21,7 @@ reason, so nothing is lost and the device refuses it unless forced; then
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import shutil
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from ..preprocess import PreprocessSpec
 from ..train.rundir import RunConfig, RunDir
 from ..runtime.scores import FEATURE_METHODS
 from .. import quality
-from . import calibration, diagnose, edgetpu as edgetpu_check, export, parity, repair, trust, trust_plots, trust_report, writer
+from . import calibration, diagnose, edgetpu as edgetpu_check, ensemble, export, parity, repair, trust, trust_plots, trust_report, writer
 from .pixel_size import bundle_scale
 from .modes import MIN_CALIBRATION, MODES
 from .options import ConvertOptions
@@ -93,7 +94,8 @@ def convert_run(options: ConvertOptions, *, representative_images: np.ndarray | 
         raise ConversionError("the manifest's test split is empty; the parity gate needs test images")
 
     log.info("loading %s", run.dir.model_path)
-    model = export.load_keras_model(run.dir.model_path)
+    first = export.load_keras_model(run.dir.model_path)
+    model, ensemble_meta = _combine(options, run, first)
     score = _resolve_score(options, model)
     # A feature-based abstention score (fitted here, or declared by ood.json with
     # "uses": "features") needs the feature map even without a heatmap.
@@ -111,7 +113,11 @@ def convert_run(options: ConvertOptions, *, representative_images: np.ndarray | 
 
     staging = writer.staging_dir(options.out)
     try:
-        common, tpu_report = _write_model_files(staging, options, run, model, tflite, size)
+        common, tpu_report = _write_model_files(staging, options, run, first, tflite, size)
+        common["ensemble"] = ensemble_meta
+        if ensemble_meta is not None:  # the bundle's model is all members and views: its version names them all
+            common["version"] = hashlib.sha256(
+                " ".join([*(m["version"] for m in ensemble_meta["members"]), options.tta]).encode()).hexdigest()[:12]
         common["quality"] = quality_meta
         meta = writer.bundle_meta(valid=False, invalid_reason="parity gate not run yet", parity=None, **common)
         writer.write_common(staging, list(run.config.classes), meta)
@@ -233,6 +239,34 @@ def _repair(staging: Path, options: ConvertOptions, run: _Run, model, export_mod
     else:
         result.verdict += "; but the test gate FAILS, so the bundle is marked invalid (test never chooses a remedy)"
     return graded, float_test, result
+
+
+def _combine(options: ConvertOptions, run: _Run, first):
+    """``--member`` / ``--tta``: the one Keras model the bundle converts (:mod:`.ensemble`), and bundle.json's record.
+
+    Without either, the run's own model and None.
+    """
+    if not options.members and options.tta == "none":
+        return first, None
+    others = []
+    for path in options.members:
+        rd = RunDir(path)
+        rd.require(rd.config_path, rd.manifest_path, rd.model_path)
+        others.append((rd, rd.config(), rd.manifest()))
+    ensemble.check_members((run.dir, run.config, run.manifest), others)
+    views = ensemble.check_views(options.tta, *run.spec.size)
+    models = [first] + [export.load_keras_model(rd.model_path) for rd, _, _ in others]
+    for rd, m in zip([run.dir] + [o[0] for o in others], models):
+        export.check_conventions(m, False)
+    members = [ensemble.MemberInfo(rd.path.name, cfg.model, sha256_file(rd.model_path)[:12], int(m.count_params()))
+               for (rd, cfg), m in zip([(run.dir, run.config)] + [(o[0], o[1]) for o in others], models)]
+    with_features = "features" in {layer.name for layer in first.layers}
+    combined = ensemble.combined_model(models, views, with_features)
+    meta = {"members": [m.to_dict() for m in members], "tta": options.tta, "views": list(views),
+            "invokes_per_image": len(models) * len(views),
+            "features_from": "member 1, identity view (heatmap and feature-based abstention)"}
+    log.info("ensemble: %d member(s) x %d view(s) averaged in one model", len(models), len(views))
+    return combined, meta
 
 
 def _recheck_edgetpu(staging: Path, common: dict, model: bytes) -> None:

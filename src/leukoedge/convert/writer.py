@@ -102,6 +102,7 @@ def bundle_meta(
     scale: dict | None = None,
     quality: dict | None = None,
     repair: dict | None = None,
+    ensemble: dict | None = None,
 ) -> dict:
     """bundle.json; ``calibration`` (from ``convert --calibrate``) replaces the bare ``temperature``.
 
@@ -139,6 +140,7 @@ def bundle_meta(
         "edgetpu": edgetpu,
         "notice": RESEARCH_NOTICE,
         **({"repair": repair} if repair is not None else {}),
+        **({"ensemble": ensemble} if ensemble is not None else {}),
     }
 
 
@@ -165,6 +167,7 @@ def write_model_card(
         "abstention": _without_scorer_arrays(meta["abstention"]),
         "calibration": meta.get("calibration"),
         **({"repair": meta["repair"]} if meta.get("repair") else {}),
+        **({"ensemble": meta["ensemble"]} if meta.get("ensemble") else {}),
     }
     card = dict(run_card or {"model": meta["model"]["name"], "labels": meta["labels"]})
     card["on_device"] = conversion
@@ -202,6 +205,7 @@ def write_model_card(
         f"- parity gate: {'passed' if meta['valid'] else 'FAILED: ' + str(meta['invalid_reason'])}; "
         f"float accuracy {parity.get('float_accuracy', float('nan')):.4f}, converted {parity.get('quant_accuracy', float('nan')):.4f}, "
         f"agreement {parity.get('agreement', float('nan')):.4f} (details in parity.md)",
+        *_ensemble_lines(meta),
         *_repair_lines(meta),
         *_scale_lines(meta),
         *_trust_lines(meta),
@@ -211,6 +215,19 @@ def write_model_card(
         "",
     ]
     atomic_write_text(staging / "model_card.md", head + "\n".join(section))
+
+
+def _ensemble_lines(meta: dict) -> list[str]:
+    """``--member`` / ``--tta``: which runs and views the one model averages, and what that costs per image."""
+    ens = meta.get("ensemble")
+    if not ens:
+        return []
+    members = "; ".join(f"{m['run']} ({m['model']}, {m['parameters']:,} parameters, version {m['version']})"
+                        for m in ens["members"])
+    return [f"- averages {len(ens['members'])} member(s) x {len(ens['views'])} view(s) "
+            f"({', '.join(ens['views'])}): {ens['invokes_per_image']} sub-model invokes per tile; members: {members}; "
+            f"the gate graded the average against the same average of the float members; heatmap and "
+            f"feature-based abstention read {ens['features_from']}"]
 
 
 def _repair_lines(meta: dict) -> list[str]:

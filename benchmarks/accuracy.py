@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""Accuracy levers measured through the device (issue 18): single nets, test-time augmentation, ensembles.
+
+    python benchmarks/accuracy.py --recipe NAME RUN_SEED0 RUN_SEED1 RUN_SEED2 [--recipe ...]
+                                  [--um-per-px 0.401] [--work DIR] [--name accuracy]
+
+For every recipe (the same training command at several seeds, one split),
+each variant is converted with the real pipeline exactly as
+``leukoedge convert RUN [--member RUN2 ...] [--tta flips] --quantize int8
+--with-heatmap`` would, graded by its own parity gate, and then measured
+through the device runtime (LiteRT, int8) on the run's TEST split:
+
+* ``single``: each seed alone (mean +- sd over seeds);
+* ``single + TTA flips``: each seed with the 4 flip views averaged in the model;
+* ``ensemble``: all seeds in one model (one figure: the seeds are used up);
+* ``ensemble + TTA flips``.
+
+Figures: four-class accuracy, Benign recall, four-class accuracy on grayscale
+copies of the test images (the colour-shortcut check of the audit), the gate's
+verdict, size, and p50 invoke per tile (one thread, 30 invokes, this machine:
+compare ratios within the table). Bundles are cached under ``--work``.
+
+Writes benchmarks/results/<name>.{md,json}. Needs TensorFlow (workstation).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+from _common import RESULTS, main_guard, write_results
+
+from leukoedge.errors import ParityError
+from leukoedge.quiet import quiet_environment
+
+quiet_environment()
+
+LATENCY_INVOKES = 30
+
+
+def convert(run: Path, members: list[Path], tta: str, out: Path, um_per_px: float | None) -> None:
+    from leukoedge.convert.options import ConvertOptions
+    from leukoedge.convert.pipeline import convert_run
+
+    if (out / "parity.json").is_file():
+        return
+    options = ConvertOptions(run_dir=run, out=out, quantize="int8", with_heatmap=True, force=True,
+                             members=tuple(members), tta=tta, um_per_px=um_per_px)
+    try:
+        convert_run(options)
+    except ParityError as err:  # written, marked invalid: a row like any other
+        print(f"{out.name}: gate FAILED ({err.message})")
+
+
+def measure(bundle: Path, images: np.ndarray, gray: np.ndarray, y: np.ndarray, classes: list[str]) -> dict:
+    from leukoedge.bundle import load_bundle
+    from leukoedge.runtime import Classifier
+
+    b = load_bundle(bundle, allow_invalid=True)
+    clf = Classifier(b, edgetpu="off")
+    top = np.array([int(np.argmax(clf.run(img).probabilities)) for img in images])
+    gtop = np.array([int(np.argmax(clf.run(img).probabilities)) for img in gray])
+    benign = classes.index("Benign")
+    one = Classifier(b, num_threads=1, edgetpu="off")
+    one.run(images[0])
+    p50 = float(np.median([one.run(images[0]).invoke_ms for _ in range(LATENCY_INVOKES)]))
+    parity = json.loads((bundle / "parity.json").read_text())
+    meta = b.meta
+    members = (meta.get("ensemble") or {}).get("members") or [{"parameters": meta["size"].get("parameters")}]
+    return {"accuracy": float((top == y).mean()), "benign_recall": float((top[y == benign] == benign).mean()),
+            "gray_accuracy": float((gtop == y).mean()), "gate": bool(parity["passed"]),
+            "gate_flips": parity.get("flips"), "size_bytes": meta["size"]["converted_bytes"],
+            "p50_invoke_ms": p50, "params_per_member": max(int(m["parameters"]) for m in members),
+            "invokes_per_tile": (meta.get("ensemble") or {}).get("invokes_per_image", 1)}
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def summarise(recipe: str, variant: str, rows: list[dict]) -> dict:
+    out = {"recipe": recipe, "variant": variant, "n_bundles": len(rows), "per_bundle": rows}
+    for key in ("accuracy", "benign_recall", "gray_accuracy", "p50_invoke_ms", "size_bytes"):
+        out[key] = _mean_sd([r[key] for r in rows])
+    out["gates_passed"] = sum(r["gate"] for r in rows)
+    out["params_per_member"] = rows[0]["params_per_member"]
+    out["invokes_per_tile"] = rows[0]["invokes_per_tile"]
+    return out
+
+
+def markdown(summaries: list[dict], n_test: int) -> str:
+    def pct(pair):
+        mean, sd = pair
+        return f"{100 * mean:.1f} %" + (f" +- {100 * sd:.1f}" if sd is not None else "")
+
+    lines = [f"Capture-block test split ({n_test} images), int8 through the device runtime (LiteRT), each bundle "
+             "graded by its own parity gate. `+- sd` is over training seeds (one bundle per seed); an ensemble uses "
+             "all the seeds, so it is one figure. Latency: p50 of 30 invokes of one tile on one thread on this "
+             "2-core machine, members x views sub-model invokes each; compare ratios within the table.", "",
+             "| recipe | variant | bundles | four-class | Benign recall | grayscale four-class | gate | params / member "
+             "| invokes / tile | p50 invoke (ms) | size (KB) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        lines.append(f"| {s['recipe']} | {s['variant']} | {s['n_bundles']} | {pct(s['accuracy'])} | "
+                     f"{pct(s['benign_recall'])} | {pct(s['gray_accuracy'])} | {s['gates_passed']} of {s['n_bundles']} "
+                     f"pass | {s['params_per_member']:,} | {s['invokes_per_tile']} | {s['p50_invoke_ms'][0]:.2f} | "
+                     f"{s['size_bytes'][0] / 1024:.0f} |")
+    lines += ["", "Research use only; not a diagnostic device."]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", nargs="+", action="append", required=True, metavar="NAME RUN",
+                    help="a recipe's name, then its run directories (one per seed, same split)")
+    ap.add_argument("--um-per-px", type=float, default=None)
+    ap.add_argument("--work", type=Path, default=Path(__file__).resolve().parent / ".work" / "accuracy")
+    ap.add_argument("--name", default="accuracy")
+    ap.add_argument("--out-dir", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    from PIL import Image
+
+    from leukoedge.convert import calibration
+    from leukoedge.train.rundir import RunDir
+
+    summaries, n_test = [], 0
+    for recipe in args.recipe:
+        name, runs = recipe[0], [Path(r) for r in recipe[1:]]
+        if not runs:
+            raise SystemExit(f"--recipe {name}: no run directories")
+        variants = {"single": [(r, [], "none") for r in runs], "single + TTA flips": [(r, [], "flips") for r in runs]}
+        if len(runs) > 1:
+            variants["ensemble"] = [(runs[0], runs[1:], "none")]
+            variants["ensemble + TTA flips"] = [(runs[0], runs[1:], "flips")]
+        rd = RunDir(runs[0])
+        manifest = rd.manifest()
+        entries = manifest.subset("test")
+        bundle0 = None
+        for variant, jobs in variants.items():
+            rows = []
+            for run, members, tta in jobs:
+                tag = f"{name}-{run.name}" + (f"-x{len(members) + 1}" if members else "") + f"-{tta}"
+                out = args.work / tag
+                convert(run, members, tta, out, args.um_per_px)
+                if bundle0 is None:
+                    from leukoedge.bundle import load_bundle
+
+                    spec = load_bundle(out, allow_invalid=True).spec
+                    images = calibration.load_images(manifest, entries, spec, None, "test")
+                    gray = np.stack([np.asarray(Image.fromarray(i).convert("L").convert("RGB")) for i in images])
+                    y = np.array([manifest.label_index(e.label) for e in entries])
+                    bundle0, n_test = out, len(entries)
+                rows.append({"bundle": tag, **measure(out, images, gray, y, list(manifest.classes))})
+                print(f"{tag}: {rows[-1]}")
+            summaries.append(summarise(name, variant, rows))
+    write_results(args.name, {"rows": summaries}, markdown(summaries, n_test),
+                  "Accuracy levers: TTA and ensembles through the device", out_dir=args.out_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    main_guard(main)
