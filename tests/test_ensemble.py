@@ -86,10 +86,18 @@ def test_two_members_with_flip_tta_convert_to_one_model_graded_against_the_float
     clf = Classifier(load_bundle(out), edgetpu="off")
     got = np.stack([clf.run(img).probabilities for img in images[:12]])
     assert np.abs(got - want[:12]).max() < 0.06
+    # Exactly invariant in float (each member sees the same four views, permuted); in int8 only the order of the
+    # quantised additions changes, which moves an output by a few steps of 1/256 (up to 8 seen over seeds 0-2).
+    combined = ensemble.combined_model([_keras(tiny_run), _keras(second_member)], ensemble.TTA_VIEWS["flips"], True)
+    batch = images[:6].astype(np.float32)
+    base_float = np.asarray(combined(batch)[0])
     for img in images[:6]:
         base = clf.run(img).probabilities
         for flip in FLIPS[1:]:
-            assert np.abs(clf.run(np.ascontiguousarray(flip(img))).probabilities - base).max() < 0.02
+            assert np.abs(clf.run(np.ascontiguousarray(flip(img))).probabilities - base).max() < 0.06
+    for flip in FLIPS[1:]:
+        flipped = np.stack([flip(img) for img in batch])
+        np.testing.assert_allclose(np.asarray(combined(flipped)[0]), base_float, atol=1e-5)
     pred = clf.classify(images[0])
     assert pred.heatmap is not None and pred.label in meta["labels"]
     single = (shared_tiny_bundle(tmp_path_factory, "int8", True) / MODEL_NAME).stat().st_size

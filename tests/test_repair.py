@@ -77,6 +77,15 @@ def test_repair_keeps_the_planted_layer_in_float_and_the_bundle_classifies(plant
     image = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
     pred = clf.classify(image)
     assert pred.label in meta["labels"] and abs(sum(pred.probabilities.values()) - 1) < 1e-3
+    # the zoo benchmark's row (benchmarks/parity_repair.py) reads this bundle's own reports
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import parity_repair
+
+    r = parity_repair.row(planted_run, out, None)
+    assert r["remedy"].startswith("float fallback") and r["kept"]["passed"] and not r["full_int8"]["passed"]
+    assert r["size_ratio"] == kept["size_vs_int8"] and r["kept"]["tpu_mapped_ops"] < r["full_int8"]["tpu_mapped_ops"]
+    assert r["diagnosis"]["blamed_layer"] == PLANTED and r["diagnosis"]["half_or_more"]
+    assert "| run |" in parity_repair.markdown([r]) and any(PLANTED in line for line in parity_repair.goals([r]))
 
 
 def test_constant_calibration_still_ends_invalid_after_repair(tiny_run, tmp_path, record_property):  # noqa: F811
