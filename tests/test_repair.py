@@ -216,3 +216,37 @@ def test_edgetpu_maps_a_prefix_up_to_the_first_float_or_int16_op(tiny_run, tmp_p
     full = (shared_tiny_bundle(tmp_path_factory, "int8", True) / MODEL_NAME).read_bytes()
     mapped, total = edgetpu.mappable_ops(full)
     assert mapped == total == sum(edgetpu.inspect(full).ops.values())
+
+
+def test_when_full_int8_passes_on_validation_a_remedy_must_flip_fewer_there(tiny_run, tmp_path_factory):  # noqa: F811
+    """The test gate failed but validation cannot see it: test never chooses, so with no validation flip to
+    remove nothing is kept (the tiny net's full int8 flips none of its validation images)."""
+    import keras
+
+    from leukoedge.convert import calibration, export, parity
+    from leukoedge.convert.modes import MODES
+    from leukoedge.train.rundir import RunDir
+
+    run = RunDir(tiny_run)
+    manifest, spec = run.manifest(), run.config().preprocess_spec
+    model = keras.models.load_model(tiny_run / "model.keras", compile=False)
+    val_entries = manifest.subset("val")
+    val = calibration.load_images(manifest, val_entries, spec, None, "val")
+    train = calibration.load_images(manifest, calibration.select_calibration(manifest, 64, 0), spec, None, "train")
+    bundle = shared_tiny_bundle(tmp_path_factory, "int8", True)
+    float_val = parity.predict_float(model, val)
+    flips = int((parity.predict_device(Classifier(load_bundle(bundle), edgetpu="off"), val).argmax(1)
+                 != float_val.argmax(1)).sum())
+    result = repair.repair(
+        export.build_export_model(model, True), MODES["int8"], calibration_images=train, diagnosis={"layers": []},
+        bundle_dir=bundle, val_images=val, y_val=np.array([manifest.label_index(e.label) for e in val_entries]),
+        float_val=float_val, classes=list(manifest.classes), max_drop=0.01, min_agreement=0.99,
+        full_int8=(bundle / MODEL_NAME).read_bytes(), more_calibration=lambda: (train, "64 train images"))
+    assert result.attempts[0].val_passed and result.attempts[0].val_flips == flips
+    if flips == 0:  # nothing to remove: no remedy is even tried
+        assert result.kept is None and result.model is None and len(result.attempts) == 1
+        assert "none can be chosen without looking at test" in result.verdict
+    elif result.kept is None:  # tried, and none flipped fewer than full int8
+        assert all(a.val_flips >= flips for a in result.attempts[1:] if a.error is None)
+    else:
+        assert result.kept.val_flips < flips

@@ -32,7 +32,10 @@ gate's own decision (:func:`.parity.compare`, the same tolerances) of float vs t
 candidate on the val split, and the first attempt that passes there is kept. The
 pipeline then grades the kept model with the normal gate on TEST, once; test never
 chooses. If no attempt passes on validation, nothing is kept and the bundle stays
-the full int8 one, marked invalid as without ``--repair``.
+the full int8 one, marked invalid as without ``--repair``. When full int8 itself
+passes on validation (the test gate failed, validation does not see it: a
+near-chance model's flips are coin flips), a remedy is kept only if it also flips
+fewer validation images than full int8; test still grades it and never chooses.
 
 Latency is a rough figure: the median of :data:`LATENCY_INVOKES` invokes on one
 thread, on this machine, in the same process as the full int8 model's, so only
@@ -173,14 +176,19 @@ def repair(
             log.info("repair: %s %s: %d of %d validation images flip (%s)", attempt.remedy, attempt.detail,
                      attempt.val_flips, attempt.val_images, "passes" if attempt.val_passed else "fails")
             attempts.append(attempt)
-            return attempt.val_passed
+            # When full int8 itself passes on validation, a remedy must also flip fewer validation images.
+            return attempt.val_passed and (floor is None or attempt.val_flips < floor)
 
+        floor = None
         baseline = Attempt("full int8", "the bundle's model, for reference")
         if measure(baseline, full_int8):
-            # The test gate failed but validation does not see it: no remedy is chosen on test.
-            return RepairResult(attempts, None, None, (
-                "full int8 already passes on the validation images, so no remedy can be chosen without "
-                "looking at test; nothing was kept"))
+            # The test gate failed but validation does not see it: test never chooses, so a remedy is kept
+            # only if validation prefers it (fewer flips than full int8), and test then grades it.
+            floor = baseline.val_flips
+            if floor == 0:
+                return RepairResult(attempts, None, None, (
+                    "full int8 flips none of the validation images, so no remedy can do better there and "
+                    "none can be chosen without looking at test; nothing was kept"))
         if more_calibration is not None:
             kept_model = _try_more_calibration(export_model, mode, more_calibration, attempts, measure)
         for k, tensors in enumerate([] if kept_model is not None else _fallback_sets(diagnosis), 1):
@@ -207,6 +215,10 @@ def repair(
                     kept_model = model
     finally:
         runner.close()
+    if kept_model is None and floor is not None:
+        return RepairResult(attempts, None, None, (
+            f"full int8 passes on the validation images ({floor} of {baseline.val_images} flip) and no remedy flips "
+            "fewer, so none can be chosen without looking at test; nothing was kept"))
     if kept_model is None:
         # Fewest validation flips; ties go to the cheaper (earlier) attempt, full int8 first.
         index = min(models, key=lambda i: (attempts[i].val_flips, i))
