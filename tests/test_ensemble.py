@@ -131,3 +131,24 @@ def test_dihedral_views_are_the_eight_symmetries_and_need_a_square_input():
     with pytest.raises(UsageError, match="square"):
         ensemble.check_views("dihedral", 32, 48)
     assert ensemble.check_views("flips", 32, 48) == ensemble.TTA_VIEWS["flips"]
+
+
+def test_members_scales_must_agree_within_ten_percent_unless_one_is_given(tiny_run, tmp_path):
+    """Red-cell scales measured on the same images by two runs differ a little (0.401 vs 0.408 seen): accepted;
+    a member trained at another magnification is refused, unless --um-per-px states one scale for all."""
+    from leukoedge.train.rundir import RunDir
+
+    def with_scale(name: str, um: float) -> tuple:
+        run = Path(shutil.copytree(tiny_run, tmp_path / name))
+        config = json.loads((run / "config.json").read_text())
+        config["scale"] = {"um_per_px": um, "source": "measured", "source_size": [32, 32]}
+        (run / "config.json").write_text(json.dumps(config))
+        rd = RunDir(run)
+        return rd, rd.config(), rd.manifest()
+
+    base = with_scale("a", 0.401)
+    ensemble.check_members(base, [with_scale("b", 0.408)])
+    far = with_scale("c", 0.5)
+    with pytest.raises(UsageError, match="training scale"):
+        ensemble.check_members(base, [far])
+    ensemble.check_members(base, [far], given_scale=True)

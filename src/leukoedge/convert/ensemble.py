@@ -42,6 +42,10 @@ TTA_VIEWS = {
 }
 
 
+#: Most relative difference between members' recorded training scales (as ``--um-per-px`` warns above).
+SCALE_TOLERANCE = 0.10
+
+
 @dataclass(frozen=True)
 class MemberInfo:
     """What the bundle records of each member."""
@@ -122,23 +126,38 @@ def combined_model(members: list, views: tuple[str, ...], with_features: bool):
     return keras.Model(image, outputs, name=f"{name}_tta{len(views)}" if len(views) > 1 else name)
 
 
-def check_members(first, others: list) -> None:
+def check_members(first, others: list, given_scale: bool = False) -> None:
     """Refuse members that do not share classes, preprocessing, scale and split with the first run.
 
-    ``first`` and each of ``others``: ``(RunDir, RunConfig, Manifest)``.
+    ``first`` and each of ``others``: ``(RunDir, RunConfig, Manifest)``. Training scales measured
+    from red cells differ a little between runs (and between estimator versions): they must agree
+    within :data:`SCALE_TOLERANCE`; ``given_scale`` (``--um-per-px``) states one for all.
     """
     rd0, cfg0, man0 = first
     for rd, cfg, man in others:
         where = f"--member {rd.path}"
         if tuple(cfg.classes) != tuple(cfg0.classes):
             raise UsageError(f"{where}: its classes {list(cfg.classes)} differ from {rd0.path}'s {list(cfg0.classes)}")
-        if cfg.preprocess_spec.to_dict() != cfg0.preprocess_spec.to_dict():
-            raise UsageError(f"{where}: its preprocessing (input size, colour step, scale) differs from {rd0.path}'s",
-                             hint="ensemble members must be trained with the same --input-size, --colour and scale")
+        if _geometry(cfg) != _geometry(cfg0):
+            raise UsageError(f"{where}: its preprocessing (input size, colour step) differs from {rd0.path}'s",
+                             hint="ensemble members must be trained with the same --input-size and --colour")
+        um, um0 = cfg.preprocess_spec.um_per_px, cfg0.preprocess_spec.um_per_px
+        if not given_scale and (um is None) != (um0 is None):
+            raise UsageError(f"{where}: one of the runs records its training scale and the other does not",
+                             hint="pass --um-per-px X: the bundle records one scale for every member")
+        if not given_scale and um is not None and abs(um / um0 - 1) > SCALE_TOLERANCE:
+            raise UsageError(f"{where}: its training scale {um:.4g} um/px differs from {rd0.path}'s {um0:.4g} by more "
+                             f"than {SCALE_TOLERANCE:.0%}", hint="members must see cells at one size; pass --um-per-px "
+                             "X only if they really were trained on images of that scale")
         if _split_of(man) != _split_of(man0):
             raise UsageError(f"{where}: it was trained on another split than {rd0.path}",
                              hint="train every member with the same --manifest (e.g. different --seed), so the gate "
                                   "grades the ensemble on images none of its members saw")
+
+
+def _geometry(config) -> dict:
+    spec = config.preprocess_spec.to_dict()
+    return {k: v for k, v in spec.items() if k not in ("um_per_px", "field_um")}
 
 
 def _split_of(manifest) -> dict:

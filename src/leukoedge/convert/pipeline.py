@@ -253,7 +253,7 @@ def _combine(options: ConvertOptions, run: _Run, first):
         rd = RunDir(path)
         rd.require(rd.config_path, rd.manifest_path, rd.model_path)
         others.append((rd, rd.config(), rd.manifest()))
-    ensemble.check_members((run.dir, run.config, run.manifest), others)
+    ensemble.check_members((run.dir, run.config, run.manifest), others, given_scale=options.um_per_px is not None)
     views = ensemble.check_views(options.tta, *run.spec.size)
     models = [first] + [export.load_keras_model(rd.model_path) for rd, _, _ in others]
     for rd, m in zip([run.dir] + [o[0] for o in others], models):
