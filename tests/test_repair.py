@@ -55,7 +55,7 @@ def test_repair_keeps_the_planted_layer_in_float_and_the_bundle_classifies(plant
     assert more["error"] is not None or (not more["val_passed"] and more["size_bytes"] == full["size_bytes"])
     # the cheapest remedy that works is the planted layer alone in float, and the test gate passes it
     assert len(rep["attempts"]) == 3 and kept["kept"] and kept["remedy"] == "float fallback"
-    assert kept["detail"].endswith(f"1 worst layer(s) in float: {PLANTED}") and len(kept["denylisted"]) == 1
+    assert kept["detail"].endswith(f"1 worst layer(s) in float: {PLANTED} (CONV_2D)") and len(kept["denylisted"]) == 1
     assert kept["val_passed"] and kept["test"]["passed"] and kept["test"]["agreement"] == parity["agreement"]
     assert kept["float_ops"] and "CONV_2D" in kept["float_ops"] and not full["float_ops"]
     assert kept["input_dtype"] == "int8" and kept["size_bytes"] > 0 and kept["p50_invoke_ms"] > 0

@@ -341,7 +341,8 @@ def _fallback_sets(diagnosis: dict) -> list[list[str]]:
 
 
 def _layer_names(diagnosis: dict) -> list[str]:
-    return [r["layer"] for r in diagnosis.get("layers", [])]
+    """``layer (OP)``: one Keras layer can give several ops (a Dense's FULLY_CONNECTED and its SOFTMAX)."""
+    return [f"{r['layer']} ({r['op']})" for r in diagnosis.get("layers", [])]
 
 
 def _p50(clf, image: np.ndarray) -> float:
