@@ -69,13 +69,14 @@ def measure_plain(bundle: Path) -> dict:
     from leukoedge.convert import edgetpu, repair
     from leukoedge.runtime import Classifier
 
-    clf = Classifier(load_bundle(bundle, allow_invalid=True), num_threads=1, edgetpu="off")
-    shape = clf.bundle.input["shape"]
     import numpy as np
 
+    clf = Classifier(load_bundle(bundle, allow_invalid=True), num_threads=1, edgetpu="off")
+    shape = clf.bundle.input["shape"]
     image = np.random.default_rng(0).integers(0, 256, (shape[1], shape[2], 3), dtype=np.uint8)
     mapped, total = edgetpu.mappable_ops((bundle / MODEL_NAME).read_bytes())
-    return {"p50_invoke_ms": repair._p50(clf, image), "tpu_mapped_ops": mapped, "total_ops": total}
+    p50, _ = repair._p50_beside(clf, clf, image)
+    return {"p50_invoke_ms": p50, "tpu_mapped_ops": mapped, "total_ops": total}
 
 
 def row(run: Path, bundle: Path, seconds: float | None) -> dict:
@@ -158,8 +159,8 @@ def markdown(rows: list[dict]) -> str:
         "Each run converted with `leukoedge convert RUN --quantize int8 --with-heatmap --repair` (default gate: "
         "accuracy drop <= 1 point and top-1 agreement >= 0.99, the statistical decision of the small-datasets "
         "issue). Remedy chosen on the val split, graded on the test split (capture-block split, 390 images); "
-        "through the device runtime (LiteRT). Latency: p50 of 30 invokes on one thread on this machine, in the "
-        "same process as the run's full int8, so only the ratio means something. Edge TPU: ops the compiler "
+        "through the device runtime (LiteRT). Latency: p50 of 30 invokes on one thread on this machine, taken "
+        "invoke by invoke in turn with the run's full int8, so only the ratio means something. Edge TPU: ops the compiler "
         "would map, a prefix up to the first float / int16 / unsupported op (static check, no compiler here).",
         "",
         "| run | model | full int8 agreement | full int8 acc (float) | gate | remedy kept | repaired agreement "

@@ -314,11 +314,15 @@ class Requantizer:
     def top1(self, denylisted: str | None, images: np.ndarray) -> np.ndarray:
         return parity.predict_device(self.classifier(self.quantize(denylisted)), images).argmax(1)
 
-    def classifier(self, model: bytes, num_threads: int | None = None):
-        """A :class:`~leukoedge.runtime.Classifier` of ``model`` in a copy of the bundle (input/outputs read from the model)."""
+    def classifier(self, model: bytes, num_threads: int | None = None, *, name: str = "bundle"):
+        """A :class:`~leukoedge.runtime.Classifier` of ``model`` in a copy of the bundle (input/outputs read from the model).
+
+        Each ``name`` is one copy, replaced by the next call with that name: a classifier
+        that must outlive the next call (a latency reference) takes a name of its own.
+        """
         from ..runtime import Classifier
 
-        variant = self._tmp / "bundle"
+        variant = self._tmp / name
         if variant.exists():
             shutil.rmtree(variant)
         shutil.copytree(self._bundle, variant)
