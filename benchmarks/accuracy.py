@@ -77,18 +77,14 @@ def measure(bundle: Path, images: np.ndarray, gray: np.ndarray, y: np.ndarray, c
 
 
 def latency(bundle, baseline: Path, image: np.ndarray) -> tuple[float, float]:
-    """p50 invoke of ``bundle`` and of the baseline bundle, interleaved invoke by invoke (one thread each)."""
+    """p50 invoke of ``bundle`` and of the baseline bundle, taken in turn (the repair's measurement, one thread each)."""
     from leukoedge.bundle import load_bundle
+    from leukoedge.convert.repair import p50_beside
     from leukoedge.runtime import Classifier
 
     one = Classifier(bundle, num_threads=1, edgetpu="off")
     ref = Classifier(load_bundle(baseline, allow_invalid=True), num_threads=1, edgetpu="off")
-    one.run(image), ref.run(image)
-    mine, theirs = [], []
-    for _ in range(LATENCY_INVOKES):
-        mine.append(one.run(image).invoke_ms)
-        theirs.append(ref.run(image).invoke_ms)
-    return float(np.median(mine)), float(np.median(theirs))
+    return p50_beside(one, ref, image, LATENCY_INVOKES)
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float | None]:

@@ -75,7 +75,7 @@ def measure_plain(bundle: Path) -> dict:
     shape = clf.bundle.input["shape"]
     image = np.random.default_rng(0).integers(0, 256, (shape[1], shape[2], 3), dtype=np.uint8)
     mapped, total = edgetpu.mappable_ops((bundle / MODEL_NAME).read_bytes())
-    p50, _ = repair._p50_beside(clf, clf, image)
+    p50, _ = repair.p50_beside(clf, clf, image)
     return {"p50_invoke_ms": p50, "tpu_mapped_ops": mapped, "total_ops": total}
 
 

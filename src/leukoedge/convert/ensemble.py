@@ -59,11 +59,18 @@ class MemberInfo:
         return {"run": self.run, "model": self.model, "version": self.version, "parameters": self.parameters}
 
 
+#: Each view as (swap rows and columns first?, axes flipped after): the dihedral group of a square.
+_VIEW_OPS = {
+    "identity": (False, ()), "hflip": (False, (2,)), "vflip": (False, (1,)), "rot180": (False, (1, 2)),
+    "rot90": (True, (2,)), "rot270": (True, (1,)), "transpose": (True, ()), "antitranspose": (True, (1, 2)),
+}
+
+
 def check_views(tta: str, height: int, width: int) -> tuple[str, ...]:
     if tta not in TTA_VIEWS:
         raise UsageError(f"unknown --tta {tta!r}; use one of {', '.join(TTA_VIEWS)}")
     views = TTA_VIEWS[tta]
-    if height != width and any(v.startswith(("rot9", "rot27")) or "transpose" in v for v in views):
+    if height != width and any(_VIEW_OPS[v][0] for v in views):
         raise UsageError(f"--tta {tta} rotates by 90 degrees, which needs a square input; this model takes {height}x{width}",
                          hint="use --tta flips")
     return views
@@ -73,21 +80,14 @@ def view_layer(view: str):
     """A Keras layer applying one view to NHWC images (REVERSE_V2 / TRANSPOSE in TFLite, both int8 ops)."""
     import keras
 
-    axes = {"identity": None, "hflip": (2,), "vflip": (1,), "rot180": (1, 2), "rot90": "t2", "rot270": "t1",
-            "transpose": "t", "antitranspose": "t12"}[view]
+    swap, flips = _VIEW_OPS[view]
 
     class View(keras.layers.Layer):
         def call(self, x):
-            ops = keras.ops
-            if axes is None:
-                return x
-            if isinstance(axes, tuple):
-                for axis in axes:
-                    x = ops.flip(x, axis=axis)
-                return x
-            x = ops.transpose(x, (0, 2, 1, 3))  # swap rows and columns
-            for axis in {"t": (), "t1": (1,), "t2": (2,), "t12": (1, 2)}[axes]:
-                x = ops.flip(x, axis=axis)
+            if swap:
+                x = keras.ops.transpose(x, (0, 2, 1, 3))
+            for axis in flips:
+                x = keras.ops.flip(x, axis=axis)
             return x
 
     return View(name=f"view_{view}")

@@ -255,11 +255,12 @@ def _combine(options: ConvertOptions, run: _Run, first):
         others.append((rd, rd.config(), rd.manifest()))
     ensemble.check_members((run.dir, run.config, run.manifest), others, given_scale=options.um_per_px is not None)
     views = ensemble.check_views(options.tta, *run.spec.size)
+    runs = [(run.dir, run.config)] + [(rd, cfg) for rd, cfg, _ in others]
     models = [first] + [export.load_keras_model(rd.model_path) for rd, _, _ in others]
-    for rd, m in zip([run.dir] + [o[0] for o in others], models):
+    for m in models:
         export.check_conventions(m, False)
     members = [ensemble.MemberInfo(rd.path.name, cfg.model, sha256_file(rd.model_path)[:12], int(m.count_params()))
-               for (rd, cfg), m in zip([(run.dir, run.config)] + [(o[0], o[1]) for o in others], models)]
+               for (rd, cfg), m in zip(runs, models)]
     with_features = "features" in {layer.name for layer in first.layers}
     combined = ensemble.combined_model(models, views, with_features)
     meta = {"members": [m.to_dict() for m in members], "tta": options.tta, "views": list(views),
@@ -272,9 +273,13 @@ def _combine(options: ConvertOptions, run: _Run, first):
 def _recheck_edgetpu(staging: Path, common: dict, model: bytes) -> None:
     """``--edgetpu`` with ``--repair``: the TPU check and compile of the model the bundle now holds, not full int8's."""
     (staging / EDGETPU_MODEL_NAME).unlink(missing_ok=True)
-    tpu_report = edgetpu_check.inspect(model)
-    tpu_report, compiled = edgetpu_check.compile_model(staging / MODEL_NAME, staging, tpu_report)
+    tpu_report, compiled = _edgetpu(staging, model)
     common["edgetpu"], common["has_edgetpu"] = tpu_report.to_dict(), compiled is not None
+
+
+def _edgetpu(staging: Path, model: bytes):
+    """The Edge TPU check of ``model`` (the bundle's model.tflite), compiled when edgetpu_compiler exists."""
+    return edgetpu_check.compile_model(staging / MODEL_NAME, staging, edgetpu_check.inspect(model))
 
 
 def _more_calibration(options: ConvertOptions, run: _Run, used: int, given: bool) -> tuple[np.ndarray, str]:
@@ -391,8 +396,7 @@ def _write_model_files(staging: Path, options: ConvertOptions, run: _Run, model,
     heatmap = _write_heatmap(staging, model) if options.with_heatmap else None
     tpu_report, compiled = None, None
     if options.edgetpu:
-        tpu_report = edgetpu_check.inspect(tflite)
-        tpu_report, compiled = edgetpu_check.compile_model(staging / MODEL_NAME, staging, tpu_report)
+        tpu_report, compiled = _edgetpu(staging, tflite)
     input_desc, outputs = writer.interpreter_io(staging / MODEL_NAME)
     common = dict(
         model_name=run.config.model,

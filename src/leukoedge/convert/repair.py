@@ -167,7 +167,7 @@ def repair(
             attempt.val_agreement, attempt.val_passed, attempt.val_reasons = graded.agreement, graded.passed, graded.reasons
             attempt.val_accuracy = graded.quant_accuracy
             attempt.size_bytes = len(model)
-            attempt.p50_invoke_ms, base_ms = _p50_beside(clf, reference, val_images[0])
+            attempt.p50_invoke_ms, base_ms = p50_beside(clf, reference, val_images[0])
             attempt.input_dtype = clf.bundle.input["dtype"]
             attempt.float_ops, attempt.int16_ops = op_types(model)
             attempt.tpu_mapped_ops, attempt.total_ops = edgetpu.mappable_ops(model)
@@ -347,12 +347,12 @@ def _layer_names(diagnosis: dict) -> list[str]:
     return [f"{r['layer']} ({r['op']})" for r in diagnosis.get("layers", [])]
 
 
-def _p50_beside(clf, reference, image: np.ndarray) -> tuple[float, float]:
+def p50_beside(clf, reference, image: np.ndarray, invokes: int = LATENCY_INVOKES) -> tuple[float, float]:
     """p50 invoke of ``clf`` and of the full int8 ``reference``, invoke by invoke in turn, so that a busy
     machine slows both alike and their ratio holds (the milliseconds alone do not)."""
     clf.run(image), reference.run(image)  # warm-up
     mine, base = [], []
-    for i in range(LATENCY_INVOKES):
+    for i in range(invokes):
         # Which model goes first alternates: the second of a pair finds the caches the first left.
         if i % 2:
             base.append(reference.run(image).invoke_ms)
