@@ -106,3 +106,10 @@ class ScaleError(LeukoEdgeError):
 
     exit_code = 11
     http_status = 422
+
+
+class BackboneError(LeukoEdgeError):
+    """A pretrained backbone (``--init``) that is unknown, missing, damaged or of another format."""
+
+    exit_code = 12
+    http_status = 500

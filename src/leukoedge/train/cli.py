@@ -71,6 +71,11 @@ def register(subparsers) -> None:
     p.add_argument("--scale-jitter", type=float, metavar="F",
                    help="zoom each training image by a random factor in [1-F, 1+F] (e.g. 0.15), so a device "
                         "calibration a few percent off does not matter; 0 = off (default)")
+    p.add_argument("--init", metavar="BACKBONE",
+                   help="start from a pretrained backbone instead of random weights: a shipped name "
+                        "(leukoedge-smear: leuko-small's feature extractor trained on blood-smear fields, inside the "
+                        "package, no download) or a backbone .npz file; the classifier is new. Recommended for small "
+                        "datasets (a few hundred images). --model defaults to the backbone's")
     p.add_argument("--patience", type=int, default=8, help="early-stopping patience in epochs (default 8)")
     p.add_argument("--select", metavar="val_loss|val_accuracy",
                    help="which epoch model.keras keeps (and early stopping watches): lowest val_loss, or highest "
@@ -88,6 +93,10 @@ def run(args: argparse.Namespace) -> int:
     if args.list_models:
         print_model_table(sys.stdout)
         return 0
+    if args.init and not args.model and not args.resume:
+        from ..models.pretrained import load_backbone
+
+        args.model = load_backbone(args.init).model
     missing = [flag for flag, value in (("--model", args.model), ("--out", args.out)) if not value]
     if not args.resume and not args.data and not args.manifest:
         missing.append("--data")
@@ -120,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch, learning_rate=args.lr, input_size=args.input_size, seed=args.seed,
         augment="none" if args.no_augment else args.augment, colour=args.colour, resume=args.resume, patience=args.patience,
         distribute=args.distribute, ood_dirs=tuple(args.ood), consistency=args.consistency, audit=not args.no_audit,
-        select=args.select, um_per_px=args.um_per_px, rbc_um=args.rbc_um, scale_jitter=args.scale_jitter)
+        select=args.select, um_per_px=args.um_per_px, rbc_um=args.rbc_um, scale_jitter=args.scale_jitter,
+        init=args.init)
     if cv_run or folds:
         return _cross_validate(opts, folds, args.folds)
     result = train(opts)
@@ -213,3 +223,17 @@ def print_model_table(stream) -> None:
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     for row in [header] + rows:
         stream.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() + "\n")
+    print_backbones(stream)
+
+
+def print_backbones(stream) -> None:
+    """The shipped ``--init`` backbones, one line each (from the files' own records)."""
+    from ..models.pretrained import list_backbones, load_backbone
+
+    stream.write("\npretrained backbones (--init NAME):\n")
+    for name in list_backbones():
+        b = load_backbone(name)
+        test = (b.meta.get("figures") or {}).get("test") or {}
+        figure = f", its own {test['split_kind']}-split test accuracy {100 * test['accuracy']:.1f} %" if test else ""
+        stream.write(f"  {name}  v{b.meta['version']}  {b.model} at {b.meta['input_size']} px: "
+                     f"{(b.meta.get('provenance') or {}).get('data', '?')}{figure}\n")
