@@ -144,8 +144,16 @@ def pct(x: float | None) -> str:
 
 
 def markdown(tasks: list[dict]) -> str:
-    lines = ["leuko-small, 5 folds per task, test accuracy (mean +- sd over folds); the same folds for both arms.",
-             "", "| task | images (train+val per fold set) | test images per fold | from scratch | `--init leukoedge-smear` "
+    lines = ["leuko-small at the model's defaults (40 epochs max, patience 8, lr 2e-3, default augmentation), Keras "
+             "test accuracy (mean +- sd over 5 folds); the same folds for both arms, which differ only in their "
+             "initial weights.", "",
+             "- **pbc** (the transfer test): ood/pbc-cells, 8 normal cell types x 40 single-cell crops from another "
+             "lab, which the backbone never saw; 5-fold capture-order-block CV by `leukoedge train --folds 5`.",
+             "- **taleqani-F** (NOT a transfer test): a stratified F of the Taleqani capture-block TRAIN split; fold k "
+             "validates on capture-order block k of the subset and trains on the rest; every fold is tested on the "
+             "whole 390-image TEST block. The backbone was trained on that whole train split with labels, so these "
+             "are images it has seen: an upper bound for a lab whose fields resemble Taleqani's.",
+             "", "| task | images (pbc: all 320, each tested once; taleqani: the subset) | test images per fold | from scratch | `--init leukoedge-smear` "
              "| gain (points, mean +- sd over folds) | folds better | mean training time, scratch / init |",
              "|---|---|---|---|---|---|---|---|"]
     for t in tasks:
