@@ -93,7 +93,7 @@ def run_taleqani(args, fraction: float) -> dict:
             if not (out / "metrics.json").exists():
                 run(train_cmd("--manifest", path, "--data", args.data, "--um-per-px", args.um_per_px, *extra,
                               "--out", out))
-            rows[arm].append(fold_row(out, k))
+            rows[arm].append(fold_row(out, k, audit=task.name in args.audit))
     counts = folds[0].counts()
     return {"task": task.name, "fraction": fraction, "n_subset": sum(counts["train"].values()) + sum(
         counts["val"].values()), "n_test": sum(counts["test"].values()), "arms": summarise(rows)}
@@ -106,20 +106,25 @@ def run_pbc(args) -> dict:
         if not (out / "cv.json").exists() or not json.loads((out / "cv.json").read_text()).get("complete"):
             resume = ["--resume"] if (out / "cv_config.json").exists() else ["--data", args.pbc, "--folds", args.folds]
             run(train_cmd(*resume, *extra, "--out", out))
-        rows[arm] = [fold_row(out / f"fold-{k}", k) for k in range(1, args.folds + 1)]
+        rows[arm] = [fold_row(out / f"fold-{k}", k, audit="pbc" in args.audit) for k in range(1, args.folds + 1)]
     cv = json.loads((args.work / "pbc" / "scratch" / "cv.json").read_text())
     return {"task": "pbc", "fraction": None, "n_subset": cv["pooled"]["n"], "n_test": cv["pooled"]["n"],
             "split_kind": cv.get("split_kind"), "arms": summarise(rows)}
 
 
-def fold_row(run_dir: Path, k: int) -> dict:
+def fold_row(run_dir: Path, k: int, audit: bool = False) -> dict:
+    """One fold's figures; ``audit``: run the shortcut audit first where the run has none (grayscale column)."""
+    if audit and not (run_dir / "audit.json").exists():
+        run([sys.executable, "-m", "leukoedge", "eval", run_dir, "--audit"])
     test = json.loads((run_dir / "metrics.json").read_text())
     history = json.loads((run_dir / "history.json").read_text())
     config = json.loads((run_dir / "config.json").read_text())
     counts = json.loads((run_dir / "manifest.json").read_text())
     n_train = sum(e["split"] == "train" for e in counts["entries"])
+    report = json.loads((run_dir / "audit.json").read_text()) if (run_dir / "audit.json").exists() else {}
+    grayscale = ((report.get("perturbations") or {}).get("grayscale") or {}).get("accuracy") or {}
     return {"fold": k, "accuracy": test["accuracy"], "macro_f1": test["macro_f1"], "n_test": test["n"],
-            "n_train": n_train, "kept_epoch": history.get("kept_epoch"), "epochs_run": history.get("epochs_run"),
+            "grayscale": grayscale.get("value"), "n_train": n_train, "kept_epoch": history.get("kept_epoch"), "epochs_run": history.get("epochs_run"),
             "train_seconds": history.get("train_seconds"), "learning_rate": config["learning_rate"],
             "init": (config["extra"].get("init") or {}).get("sha256")}
 
@@ -130,7 +135,10 @@ def summarise(rows: dict[str, list[dict]]) -> dict:
         acc = [f["accuracy"] for f in folds]
         out[arm] = {"folds": folds, "accuracy_mean": statistics.fmean(acc),
                     "accuracy_sd": statistics.stdev(acc) if len(acc) > 1 else None,
-                    "train_seconds_mean": statistics.fmean(f["train_seconds"] or 0 for f in folds)}
+                    "train_seconds_mean": statistics.fmean(f["train_seconds"] or 0 for f in folds),
+                    "grayscale_mean": statistics.fmean(g) if (g := [f["grayscale"] for f in folds
+                                                                    if f["grayscale"] is not None]) and
+                    len(g) == len(folds) else None}
     scratch, init = (rows.get(a) for a in ARMS)
     if scratch and init:
         diffs = [b["accuracy"] - a["accuracy"] for a, b in zip(scratch, init)]
@@ -154,14 +162,16 @@ def markdown(tasks: list[dict]) -> str:
              "whole 390-image TEST block. The backbone was trained on that whole train split with labels, so these "
              "are images it has seen: an upper bound for a lab whose fields resemble Taleqani's.",
              "", "| task | images (pbc: all 320, each tested once; taleqani: the subset) | test images per fold | from scratch | `--init leukoedge-smear` "
-             "| gain (points, mean +- sd over folds) | folds better | mean training time, scratch / init |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| gain (points, mean +- sd over folds) | folds better | grayscale test copies (audit), scratch / init "
+             "| mean training time, scratch / init |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for t in tasks:
         a, b, g = t["arms"]["scratch"], t["arms"]["leukoedge-smear"], t["arms"]["gain"]
         test = t["n_test"] // 5 if t["task"] == "pbc" else t["n_test"]
         lines.append(f"| {t['task']} | {t['n_subset']} | {test} | {pct(a['accuracy_mean'])} +- {pct(a['accuracy_sd'])} "
                      f"| {pct(b['accuracy_mean'])} +- {pct(b['accuracy_sd'])} | {pct(g['mean'])} +- {pct(g['sd'])} "
-                     f"| {g['folds_better']} of {g['folds']} | {a['train_seconds_mean']:.0f} s / "
+                     f"| {g['folds_better']} of {g['folds']} | {pct(a['grayscale_mean'])} / {pct(b['grayscale_mean'])} "
+                     f"| {a['train_seconds_mean']:.0f} s / "
                      f"{b['train_seconds_mean']:.0f} s |")
     lines += ["", "Per fold (test accuracy %, kept epoch / epochs run):", ""]
     for t in tasks:
@@ -182,6 +192,9 @@ def main() -> int:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--tasks", nargs="+", choices=("pbc", "taleqani"), default=["pbc", "taleqani"])
     ap.add_argument("--um-per-px", type=float, default=0.401, help="the Taleqani training scale (skips measuring)")
+    ap.add_argument("--audit", nargs="*", default=[], metavar="TASK",
+                    help="also run `leukoedge eval RUN --audit` on every fold run of these tasks (e.g. taleqani-10): "
+                         "the grayscale column")
     ap.add_argument("--name", default="transfer")
     ap.add_argument("--out-dir", type=Path, default=RESULTS, help="where transfer.{md,json} go")
     args = ap.parse_args()

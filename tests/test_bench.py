@@ -282,3 +282,28 @@ def test_pareto_front_keeps_only_undominated_models(monkeypatch):
     points = [(1.0, 0.90), (2.0, 0.85), (3.0, 0.95), (1.0, 0.80), (5.0, 0.95)]
     assert pareto_front(points) == [0, 2]
     assert pareto_front([(1.0, 0.5)]) == [0]
+
+
+def test_transfer_subset_folds_rotate_val_over_a_stratified_subset_and_keep_the_whole_test_split(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from transfer import subset_folds
+
+    from leukoedge.data.records import Manifest, ManifestEntry
+
+    # A: 70 train + 30 test, B: 30 train + 10 test
+    entries = [ManifestEntry(f"{c}/{c}-{i:03d}.jpg", c, order=i, split="train" if i < n_train else "test")
+               for c, n, n_train in (("A", 100, 70), ("B", 40, 30)) for i in range(n)]
+    source = Manifest(root="/data", layout="class-folders", classes=("A", "B"), split_kind="block", seed=0,
+                      entries=tuple(entries))
+    folds = subset_folds(source, 0.2, 5)
+    test_paths = {e.path for e in source.subset("test")}
+    subset = {e.path for e in folds[0].entries if e.split != "test"}
+    assert len(folds) == 5 and {e.label for e in folds[0].entries if e.path in subset} == {"A", "B"}
+    assert sum(p.startswith("A/") for p in subset) == 14 and sum(p.startswith("B/") for p in subset) == 6
+    seen_val = []
+    for m in folds:
+        assert {e.path for e in m.subset("test")} == test_paths  # every fold: the whole test split
+        assert {e.path for e in m.entries if e.split != "test"} == subset  # the same subset
+        seen_val += [e.path for e in m.subset("val")]
+        assert {e.path for e in m.subset("val")}.isdisjoint(e.path for e in m.subset("train"))
+    assert sorted(seen_val) == sorted(subset)  # each subset image validates exactly once
