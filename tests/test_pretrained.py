@@ -119,6 +119,11 @@ def test_damaged_unknown_and_foreign_backbones_are_refused_clearly(tmp_path):
         pretrained.load_backbone("imagenet")
     with pytest.raises(BackboneError, match="cannot read"):
         pretrained.load_backbone(tmp_path / "absent.npz")
+    huge = tmp_path / "huge.npz"
+    with open(huge, "wb") as fh:
+        fh.truncate(pretrained.MAX_FILE_BYTES + 1)  # sparse: no disk or memory spent
+    with pytest.raises(BackboneError, match="not a leukoedge backbone"):
+        pretrained.load_backbone(huge)
     backbone = pretrained.load_backbone("leukoedge-smear")
     with pytest.raises(UsageError, match="leuko-small feature extractor, not leuko-tiny"):
         pretrained.apply_backbone(create_model("leuko-tiny", 64, 2), backbone, "leuko-tiny")

@@ -46,6 +46,9 @@ SHIPPED = {"leukoedge-smear": "leukoedge-smear-v1.npz"}
 #: Layers never copied: the classifier is the lab's own (its classes, its count).
 HEAD_LAYERS = ("probabilities",)
 META_KEY = "__meta__"
+#: A backbone of a compact net is well under 1 MB (mobilenetv2-1.0's would be ~9 MB); anything far larger is
+#: not one, and is refused before it is read into memory.
+MAX_FILE_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,10 @@ def load_backbone(name_or_path: str | Path) -> Backbone:
             raise BackboneError(f"unknown backbone {str(name_or_path)!r}; shipped: {', '.join(list_backbones())}",
                                 hint="pass a shipped name, or the path of a .npz made by benchmarks/make_backbone.py")
         try:
+            size = path.stat().st_size
+            if size > MAX_FILE_BYTES:
+                raise BackboneError(f"{path} is {size / 2**20:.0f} MB: not a leukoedge backbone (they are under "
+                                    f"{MAX_FILE_BYTES // 2**20} MB)")
             data = path.read_bytes()
         except OSError as err:
             raise BackboneError(f"cannot read the backbone file {path}: {err.strerror or err}") from None
