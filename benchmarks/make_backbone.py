@@ -35,6 +35,8 @@ from pathlib import Path
 
 from _common import REPO, run
 
+from leukoedge.data.records import Manifest
+
 RECIPE = {"model": "leuko-small", "augment": "robust", "scale_jitter": 0.15, "epochs": 24, "seed": 0}
 NAME, VERSION = "leukoedge-smear", 1
 DEFAULT_OUT = REPO / "src" / "leukoedge" / "models" / "weights" / f"{NAME}-v{VERSION}.npz"
@@ -46,7 +48,7 @@ def train_command(args) -> list[str]:
             "--epochs", str(RECIPE["epochs"]), "--seed", str(RECIPE["seed"]), "--no-audit", "--out", str(args.run)]
 
 
-def check_run(run_dir: Path, manifest: dict) -> tuple[dict, dict]:
+def check_run(run_dir: Path, manifest: Manifest) -> tuple[dict, dict]:
     """(config, history) of a finished run made by the recipe on the manifest's train split; else exit."""
     config = json.loads((run_dir / "config.json").read_text())
     history = json.loads((run_dir / "history.json").read_text())
@@ -57,22 +59,13 @@ def check_run(run_dir: Path, manifest: dict) -> tuple[dict, dict]:
         raise SystemExit(f"{run_dir} was not trained with the backbone recipe: {got} vs {RECIPE}")
     if (config["extra"].get("init")):
         raise SystemExit(f"{run_dir} was itself initialised from a backbone; the recipe trains from scratch")
-    run_manifest = json.loads((run_dir / "manifest.json").read_text())
-    if train_entries(run_manifest) != train_entries(manifest):
+    if train_entries(Manifest.load(run_dir / "manifest.json")) != train_entries(manifest):
         raise SystemExit(f"{run_dir}'s training split is not the manifest's")
     return config, history
 
 
-def train_entries(manifest: dict) -> list[tuple[str, str]]:
-    return sorted((e["path"], e["label"]) for e in manifest["entries"] if e["split"] == "train")
-
-
-def counts(manifest: dict, split: str) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for e in manifest["entries"]:
-        if e["split"] == split:
-            out[e["label"]] = out.get(e["label"], 0) + 1
-    return out
+def train_entries(manifest: Manifest) -> list[tuple[str, str]]:
+    return sorted((e.path, e.label) for e in manifest.subset("train"))
 
 
 def git_commit() -> str | None:
@@ -87,8 +80,8 @@ def main() -> int:
     ap.add_argument("--run", type=Path, required=True, help="run directory: trained here unless it holds the run")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args()
-    manifest = json.loads(args.manifest.read_text())
-    if manifest.get("leaky") or manifest.get("split_kind") == "random":
+    manifest = Manifest.load(args.manifest)
+    if manifest.leaky:
         raise SystemExit("the backbone's held-out figures need a non-leaky split (block or group)")
     if not (args.run / "history.json").exists():
         run(train_command(args))
@@ -101,15 +94,16 @@ def main() -> int:
     model = keras.models.load_model(args.run / "model.keras", compile=False)
     metrics = {s: json.loads(p.read_text()) for s, name in (("val", "metrics_val.json"), ("test", "metrics.json"))
                if (p := args.run / name).exists()}
-    train_counts = counts(manifest, "train")
+    counts = {split: {c: n for c, n in per_class.items() if n} for split, per_class in manifest.counts().items()}
+    train_counts = counts["train"]
     meta = {
         "name": NAME, "version": VERSION, "model": config["model"], "input_size": config["input_size"],
         "colour": config["colour"], "classes_trained_on": config["classes"],
         "provenance": {
             "data": f"Taleqani ALL smear fields (Ghaderzadeh et al. 2022), the TRAIN split only of a "
-                    f"{manifest['split_kind']} split (seed {manifest['seed']}): {sum(train_counts.values())} images, "
+                    f"{manifest.split_kind} split (seed {manifest.seed}): {sum(train_counts.values())} images, "
                     + ", ".join(f"{k} {v}" for k, v in sorted(train_counts.items())),
-            "held_out": f"{sum(counts(manifest, 'val').values())} val and {sum(counts(manifest, 'test').values())} "
+            "held_out": f"{sum(counts['val'].values())} val and {sum(counts['test'].values())} "
                         "test images of that split (never trained on)",
             "excluded": "no out-of-distribution images (../shared/datasets/ood/: BCCD, PBC) and no synthetic smears",
             "labels": "supervised, 4 classes: " + ", ".join(config["classes"]),
