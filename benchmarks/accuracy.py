@@ -2,7 +2,8 @@
 """Accuracy levers measured through the device (issue 18): single nets, test-time augmentation, ensembles.
 
     python benchmarks/accuracy.py --recipe NAME RUN_SEED0 RUN_SEED1 RUN_SEED2 [--recipe ...]
-                                  [--um-per-px 0.401] [--work DIR] [--name accuracy]
+                                  [--variants NAME single,ensemble] [--um-per-px 0.401] [--work DIR]
+                                  [--name accuracy]
 
 For every recipe (the same training command at several seeds, one split),
 each variant is converted with the real pipeline exactly as
@@ -19,6 +20,13 @@ Figures: four-class accuracy, Benign recall, four-class accuracy on grayscale
 copies of the test images (the colour-shortcut check of the audit), the gate's
 verdict, size, and p50 invoke per tile (one thread, 30 invokes, this machine:
 compare ratios within the table). Bundles are cached under ``--work``.
+
+``--variants NAME V1,V2`` keeps only those variants for one recipe (e.g. the
+teachers of a distilled recipe as one ensemble, when their runs are different
+recipes and a mean over them would mean nothing). Under the table, each
+recipe's training is read back from its runs' ``config.json`` /
+``history.json`` (augmentation, epochs, kept epoch, minutes, the teachers of a
+distilled run), so the table says what every row trained with.
 
 Writes benchmarks/results/<name>.{md,json}. Needs TensorFlow (workstation).
 """
@@ -38,6 +46,7 @@ from leukoedge.quiet import quiet_environment
 quiet_environment()
 
 LATENCY_INVOKES = 30
+VARIANTS = ("single", "single + TTA flips", "ensemble", "ensemble + TTA flips")
 
 
 def convert(run: Path, members: list[Path], tta: str, out: Path, um_per_px: float | None) -> None:
@@ -101,7 +110,41 @@ def summarise(recipe: str, variant: str, rows: list[dict]) -> dict:
     return out
 
 
-def markdown(summaries: list[dict], n_test: int) -> str:
+def training_of(runs: list[Path]) -> dict:
+    """What a recipe's runs trained with, from their own records (one line of the table's key)."""
+    from leukoedge.train.rundir import RunDir, read_json
+
+    configs = [RunDir(r).config() for r in runs]
+    histories = [read_json(RunDir(r).history_path) for r in runs]
+    first = configs[0]
+    distill = first.extra.get("distill")
+    return {"runs": [str(r) for r in runs], "models": sorted({c.model for c in configs}),
+            "augment": sorted({c.augmentation.get("recipe", "?") for c in configs}),
+            "scale_jitter": sorted({c.scale_jitter for c in configs}), "max_epochs": sorted({c.epochs for c in configs}),
+            "seeds": [c.seed for c in configs], "kept_epochs": [h.get("kept_epoch") for h in histories],
+            "train_minutes": [round(float(h.get("train_seconds", 0)) / 60, 1) for h in histories],
+            "distill": None if not distill else {
+                "teachers": [Path(t["run"]).name for t in distill["teachers"]], "alpha": distill["alpha"],
+                "temperature": distill["temperature"], "target_train_accuracy": distill.get("target_train_accuracy")}}
+
+
+def training_markdown(trainings: dict[str, dict]) -> list[str]:
+    lines = ["", "How each recipe trained (read from its runs):", ""]
+    for name, t in trainings.items():
+        jitter = ", ".join(f"{j:g}" for j in t["scale_jitter"])
+        text = (f"- **{name}**: {', '.join(t['models'])}, `--augment {'/'.join(t['augment'])}`, scale jitter {jitter}, "
+                f"max {'/'.join(map(str, t['max_epochs']))} epochs, seeds {t['seeds']}, kept epochs "
+                f"{t['kept_epochs']}, training {t['train_minutes']} min")
+        d = t["distill"]
+        if d:
+            text += (f"; distilled from {len(d['teachers'])} teachers ({', '.join(d['teachers'])}), alpha "
+                     f"{d['alpha']:g}, T {d['temperature']:g}, the teachers' mean right on "
+                     f"{100 * d['target_train_accuracy']:.1f} % of the training images")
+        lines.append(text)
+    return lines
+
+
+def markdown(summaries: list[dict], n_test: int, trainings: dict[str, dict] | None = None) -> str:
     def pct(pair):
         mean, sd = pair
         return f"{100 * mean:.1f} %" + (f" +- {100 * sd:.1f}" if sd is not None else "")
@@ -110,7 +153,7 @@ def markdown(summaries: list[dict], n_test: int) -> str:
              "graded by its own parity gate. `+- sd` is over training seeds (one bundle per seed); an ensemble uses "
              "all the seeds, so it is one figure. Latency: p50 of 30 invokes of one tile on one thread on this "
              "2-core machine (members x views sub-model invokes each), interleaved invoke by invoke with the "
-             "recipe's first single bundle: the ratio is the figure to read, the milliseconds move with the load.", "",
+             "table's first single bundle: the ratio is the figure to read, the milliseconds move with the load.", "",
              "| recipe | variant | bundles | four-class | Benign recall | grayscale four-class | gate | params / member "
              "| invokes / tile | p50 invoke (ms) | vs single | size (KB) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
@@ -119,6 +162,7 @@ def markdown(summaries: list[dict], n_test: int) -> str:
                      f"pass | {s['params_per_member']:,} | {s['invokes_per_tile']} | {s['p50_invoke_ms'][0]:.2f} | "
                      f"{s['latency_vs_single'][0]:.2f}x | "
                      f"{s['size_bytes'][0] / 1024:.0f} |")
+    lines += training_markdown(trainings or {})
     lines += ["", "Research use only; not a diagnostic device."]
     return "\n".join(lines)
 
@@ -127,6 +171,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", nargs="+", action="append", required=True, metavar="NAME RUN",
                     help="a recipe's name, then its run directories (one per seed, same split)")
+    ap.add_argument("--variants", nargs=2, action="append", default=[], metavar=("NAME", "LIST"),
+                    help=f"only these comma-separated variants for recipe NAME (of: {', '.join(VARIANTS)})")
     ap.add_argument("--um-per-px", type=float, default=None)
     ap.add_argument("--work", type=Path, default=Path(__file__).resolve().parent / ".work" / "accuracy")
     ap.add_argument("--name", default="accuracy")
@@ -137,7 +183,13 @@ def main() -> int:
     from leukoedge.convert import calibration
     from leukoedge.train.rundir import RunDir
 
-    summaries, n_test = [], 0
+    only = {name: [v.strip() for v in value.split(",")] for name, value in args.variants}
+    for name, chosen in only.items():
+        unknown = [v for v in chosen if v not in VARIANTS]
+        if unknown or name not in [r[0] for r in args.recipe]:
+            raise SystemExit(f"--variants {name}: unknown recipe or variant {unknown}; variants: {', '.join(VARIANTS)}")
+    summaries, n_test, trainings = [], 0, {}
+    baseline = None  # the first single bundle of the table: every latency is taken beside it
     for recipe in args.recipe:
         name, runs = recipe[0], [Path(r) for r in recipe[1:]]
         if not runs:
@@ -146,10 +198,13 @@ def main() -> int:
         if len(runs) > 1:
             variants["ensemble"] = [(runs[0], runs[1:], "none")]
             variants["ensemble + TTA flips"] = [(runs[0], runs[1:], "flips")]
+        if name in only:
+            variants = {v: jobs for v, jobs in variants.items() if v in only[name]}
+        trainings[name] = training_of(runs)
         rd = RunDir(runs[0])
         manifest = rd.manifest()
         entries = manifest.subset("test")
-        bundle0 = None  # the recipe's first single bundle: the latency baseline
+        bundle0 = None  # the recipe's first bundle: its spec gives the test images
         for variant, jobs in variants.items():
             rows = []
             for run, members, tta in jobs:
@@ -164,10 +219,13 @@ def main() -> int:
                     gray = np.stack([np.asarray(Image.fromarray(i).convert("L").convert("RGB")) for i in images])
                     y = np.array([manifest.label_index(e.label) for e in entries])
                     bundle0, n_test = out, len(entries)
-                rows.append({"bundle": tag, **measure(out, images, gray, y, list(manifest.classes), bundle0)})
+                if baseline is None and variant == "single":
+                    baseline = out
+                rows.append({"bundle": tag, **measure(out, images, gray, y, list(manifest.classes),
+                                                      baseline or out)})
                 print(f"{tag}: {rows[-1]}")
             summaries.append(summarise(name, variant, rows))
-    write_results(args.name, {"rows": summaries}, markdown(summaries, n_test),
+    write_results(args.name, {"rows": summaries, "trainings": trainings}, markdown(summaries, n_test, trainings),
                   "Accuracy levers: TTA and ensembles through the device", out_dir=args.out_dir)
     return 0
 

@@ -76,6 +76,15 @@ def register(subparsers) -> None:
                         "(leukoedge-smear: leuko-small's feature extractor trained on blood-smear fields, inside the "
                         "package, no download) or a backbone .npz file; the classifier is new. Recommended for small "
                         "datasets (a few hundred images). --model defaults to the backbone's")
+    p.add_argument("--teacher", metavar="RUN", action="append", default=[],
+                   help="distil from a finished run (repeat for an ensemble of teachers): the student learns the "
+                        "teachers' mean probabilities on each un-augmented training image beside its label, so a "
+                        "colour-robust student can learn from accurate colour-reading teachers; teachers must not "
+                        "have trained on this manifest's val or test images (checked)")
+    p.add_argument("--distill-weight", type=float, metavar="A",
+                   help="share of the loss taken from the teachers, 0..1 (default 0.5)")
+    p.add_argument("--temperature", type=float, metavar="T",
+                   help="softening temperature of the distillation (default 2)")
     p.add_argument("--patience", type=int, default=8, help="early-stopping patience in epochs (default 8)")
     p.add_argument("--select", metavar="val_loss|val_accuracy",
                    help="which epoch model.keras keeps (and early stopping watches): lowest val_loss, or highest "
@@ -113,6 +122,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.folds is not None:
         check_folds(args.folds)
+    if args.teacher and args.folds is not None and args.folds > 1:
+        raise UsageError("--teacher with --folds: a teacher trained on one split has seen other folds' test images",
+                         hint="distil a single run on the teachers' own manifest")
     cv_run = args.resume and RunDir(args.out).is_cv
     folds = None
     if args.resume:
@@ -130,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
         augment="none" if args.no_augment else args.augment, colour=args.colour, resume=args.resume, patience=args.patience,
         distribute=args.distribute, ood_dirs=tuple(args.ood), consistency=args.consistency, audit=not args.no_audit,
         select=args.select, um_per_px=args.um_per_px, rbc_um=args.rbc_um, scale_jitter=args.scale_jitter,
-        init=args.init)
+        init=args.init, teachers=tuple(args.teacher), distill_alpha=args.distill_weight,
+        temperature=args.temperature)
     if cv_run or folds:
         return _cross_validate(opts, folds, args.folds)
     result = train(opts)

@@ -87,7 +87,8 @@ def epoch_orders(n: int, seed: int, first_epoch: int, last_epoch: int) -> np.nda
 
 def train_dataset(x: np.ndarray, y: np.ndarray, *, batch_size: int, seed: int, first_epoch: int,
                   last_epoch: int, augment: AugmentConfig, paired: bool = False, drop_remainder: bool = False,
-                  masks: np.ndarray | None = None):
+                  masks: np.ndarray | None = None, targets: np.ndarray | None = None,
+                  sample_weights: np.ndarray | None = None):
     """Batches for epochs ``first_epoch..last_epoch-1``, shuffled and augmented per (seed, epoch).
 
     ``masks`` (uint8 ``[N, H, W]``, from :func:`white_cell_masks`) are required by
@@ -99,6 +100,10 @@ def train_dataset(x: np.ndarray, y: np.ndarray, *, batch_size: int, seed: int, f
     the unpaired augmentation, view ``b`` uses
     :data:`~leukoedge.train.consistency.PAIR_VIEW`); batches then hold
     ``2 * batch_size`` images, for :class:`~leukoedge.train.consistency.PairedConsistencyLoss`.
+
+    ``targets`` (float32 ``[N, T]``, e.g. :func:`~leukoedge.train.distill.target_rows`) replace the
+    labels as each image's ``y``, and ``sample_weights`` (float32 ``[N]``) are yielded as its weight:
+    ``(image, target, weight)`` per element (distillation; not with ``paired``).
     """
     import tensorflow as tf
 
@@ -113,6 +118,10 @@ def train_dataset(x: np.ndarray, y: np.ndarray, *, batch_size: int, seed: int, f
     epochs = np.arange(first_epoch, last_epoch, dtype=np.int64)
     images = tf.constant(x)
     labels = tf.constant(y)
+    if targets is not None:
+        if paired or sample_weights is None or len(targets) != n or len(sample_weights) != n:
+            raise UsageError("per-image targets need one weight per image and no paired views")
+        rows, row_weights = tf.constant(targets, tf.float32), tf.constant(sample_weights, tf.float32)
 
     def one_epoch(order, epoch):
         positions = tf.range(n, dtype=tf.int64)
@@ -129,6 +138,8 @@ def train_dataset(x: np.ndarray, y: np.ndarray, *, batch_size: int, seed: int, f
             if not paired:
                 if augment.enabled:
                     image = augment_image(image, key, augment)
+                if targets is not None:
+                    return image, tf.gather(rows, index), tf.gather(row_weights, index)
                 return image, tf.gather(labels, index)
             shared = augment_image(image, key, geometry_only(augment))
             view_a = augment_image(shared, key, colour_only(augment))

@@ -46,6 +46,11 @@ arrays -> tf.data -> model -> fit -> history -> evaluation. Choices:
   a quarter of it under-trained the new classifier on the 8-type PBC task,
   73 % against 81 % on fold 1 in 40 epochs). BatchNorm statistics are
   re-measured on the lab's images before the first epoch, as for any run.
+- Distillation (issue 18): ``teachers`` (``--teacher RUN``) are finished runs
+  whose mean probabilities on the un-augmented training images become soft
+  targets beside the labels (:mod:`.distill`); the targets and their accuracy
+  go to ``config.json["extra"]["distill"]``, the loss line of the card names
+  them, and validation stays plain cross-entropy.
 - Devices: ``MirroredStrategy`` over all GPUs when there are several, mixed
   float16 when any GPU is present (the ``probabilities`` layer stays float32);
   plain CPU otherwise. ``distribute="mirrored"`` forces MirroredStrategy over
@@ -82,6 +87,9 @@ from .augment import recipe, run_recipe
 from .consistency import PairedConsistencyLoss, check_replicas, check_weight, describe
 from .dataset import (ImageCache, class_weights, eval_dataset, load_split, steps_per_epoch, train_dataset,
                       white_cell_masks)
+from .distill import (DEFAULT_ALPHA, DEFAULT_TEMPERATURE, DistillationLoss, LabelAccuracy, check_options,
+                      describe_loss, open_teachers, reopen_teachers, soft_targets, target_rows)
+from .distill import describe as describe_distill
 from .rundir import RunConfig, RunDir, read_json
 from .training_scale import check_rbc_um, check_um_per_px, training_scale
 
@@ -129,6 +137,9 @@ class TrainOptions:
         init: a pretrained backbone to start from (``--init``: a shipped name such as
             ``leukoedge-smear``, or a backbone file; :mod:`leukoedge.models.pretrained`); None =
             from scratch.
+        teachers: finished run directories to distil from (``--teacher``, :mod:`.distill`); empty = none.
+        distill_alpha / temperature: the teachers' share of the loss and the softening temperature
+            (None = :data:`~.distill.DEFAULT_ALPHA` / :data:`~.distill.DEFAULT_TEMPERATURE`).
     """
 
     out: Path
@@ -154,8 +165,19 @@ class TrainOptions:
     rbc_um: float | None = None
     scale_jitter: float | None = None
     init: str | None = None
+    teachers: tuple = ()
+    distill_alpha: float | None = None
+    temperature: float | None = None
 
     def __post_init__(self) -> None:
+        if self.teachers or self.distill_alpha is not None or self.temperature is not None:
+            check_options(DEFAULT_ALPHA if self.distill_alpha is None else self.distill_alpha,
+                          DEFAULT_TEMPERATURE if self.temperature is None else self.temperature)
+            if not self.teachers and not self.resume:
+                raise UsageError("--distill-weight / --temperature need --teacher RUN")
+            if self.consistency:
+                raise UsageError("--teacher and --consistency cannot be combined yet",
+                                 hint="the teacher's targets already tie the colour views to one answer")
         check_um_per_px(self.um_per_px)
         check_rbc_um(self.rbc_um)
         if self.um_per_px is not None and self.rbc_um is not None:
@@ -181,9 +203,10 @@ class TrainOptions:
             raise UsageError("a manifest is needed to start a run", hint="pass --manifest M")
 
 
-def resolve_config(opts: TrainOptions, scale: dict | None = None, backbone=None) -> RunConfig:
+def resolve_config(opts: TrainOptions, scale: dict | None = None, backbone=None, teachers=()) -> RunConfig:
     """Fill registry defaults and freeze what will be trained; ``scale`` is the training-scale record,
-    ``backbone`` the opened ``--init`` backbone (:class:`leukoedge.models.pretrained.Backbone`) or None."""
+    ``backbone`` the opened ``--init`` backbone (:class:`leukoedge.models.pretrained.Backbone`) or None,
+    ``teachers`` the opened ``--teacher`` runs (:class:`.distill.Teacher`)."""
     import tensorflow as tf
 
     from ..models import get_entry
@@ -193,6 +216,10 @@ def resolve_config(opts: TrainOptions, scale: dict | None = None, backbone=None)
     aug_name = opts.augment or entry.train.augment
     aug = recipe(aug_name, opts.scale_jitter or 0.0)
     weight = float(opts.consistency or 0.0)
+    alpha = DEFAULT_ALPHA if opts.distill_alpha is None else float(opts.distill_alpha)
+    temperature = DEFAULT_TEMPERATURE if opts.temperature is None else float(opts.temperature)
+    loss = "sparse categorical cross-entropy, class-weighted" + (
+        f" + {weight:g} x Jensen-Shannon colour consistency" if weight else "")
     return RunConfig(
         model=opts.model,
         input_size=int(opts.input_size or entry.default_input),
@@ -208,8 +235,9 @@ def resolve_config(opts: TrainOptions, scale: dict | None = None, backbone=None)
         scale=dict(scale or {}),
         extra={"optimizer": entry.train.optimizer, "patience": opts.patience, "schedule": "cosine per epoch to 1 %",
                "select": opts.select or DEFAULT_SELECT,
-               "loss": "sparse categorical cross-entropy, class-weighted" + (
-                   f" + {weight:g} x Jensen-Shannon colour consistency" if weight else ""),
+               "loss": describe_loss(alpha, temperature, len(teachers)) if teachers else loss,
+               "distill": {"teachers": [t.record() for t in teachers], "alpha": alpha,
+                           "temperature": temperature} if teachers else None,
                "consistency": describe(weight) if weight else None, "distribute": opts.distribute,
                "init": backbone.record() if backbone is not None else None,
                "leukoedge_version": __version__, "tensorflow_version": tf.__version__,
@@ -235,6 +263,14 @@ def _check_resume(opts: TrainOptions, config: RunConfig) -> None:
     init = (config.extra.get("init") or {}).get("source")
     if opts.init is not None and source_key(opts.init) != init:
         clashes.append(f"init={opts.init} (run has {init or 'none: trained from scratch'})")
+    distill = config.extra.get("distill") or {}
+    if opts.teachers and sorted(str(Path(t).resolve()) for t in opts.teachers) != sorted(
+            t["run"] for t in distill.get("teachers", [])):
+        clashes.append(f"teachers={', '.join(map(str, opts.teachers))} (run has "
+                       f"{', '.join(t['run'] for t in distill.get('teachers', [])) or 'none'})")
+    for name, key in (("distill_alpha", "alpha"), ("temperature", "temperature")):
+        if getattr(opts, name) is not None and getattr(opts, name) != distill.get(key):
+            clashes.append(f"{name}={getattr(opts, name):g} (run has {distill.get(key, 'no distillation')})")
     if opts.rbc_um is not None and opts.rbc_um != (config.scale or {}).get("rbc_um"):
         clashes.append(f"rbc_um={opts.rbc_um:g} (run has {(config.scale or {}).get('rbc_um')})")
     if clashes:
@@ -279,10 +315,11 @@ def _open_run(opts: TrainOptions, rd: RunDir) -> tuple[RunConfig, Manifest, dict
                              hint="pass --resume to continue it, or choose another --out")
         backbone = _open_backbone(opts)
         manifest = opts.manifest if not opts.data_root else opts.manifest.with_root(opts.data_root)
+        teachers = open_teachers(opts.teachers, tuple(manifest.classes), manifest)
         train_paths = [manifest.resolve(e) for e in manifest.subset("train")]
         scale = training_scale(train_paths, um_per_px=opts.um_per_px, rbc_um=opts.rbc_um,
                                progress=sys.stderr.isatty())
-        config = resolve_config(opts, scale, backbone)
+        config = resolve_config(opts, scale, backbone, teachers)
         state = {"epoch": -1, "best_val_loss": None, "best_val_accuracy": None, "best_epoch": None, "wait": 0,
                  "history": {}, "train_seconds": 0.0}
     if state.get("finished"):
@@ -355,6 +392,11 @@ def _new_model(config: RunConfig):
     optimizer = keras.optimizers.Adam(config.learning_rate) if config.extra.get("optimizer", "adam") == "adam" \
         else keras.optimizers.SGD(config.learning_rate, momentum=0.9)
     weight = consistency_weight(config)
+    distill = config.extra.get("distill")
+    if distill:
+        model.compile(optimizer=optimizer, loss=DistillationLoss(distill["alpha"], distill["temperature"]),
+                      metrics=[LabelAccuracy()])
+        return model
     loss = PairedConsistencyLoss(weight) if weight else keras.losses.SparseCategoricalCrossentropy()
     model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
     return model
@@ -383,9 +425,13 @@ def train(opts: TrainOptions) -> dict:
         raise DatasetError(f"no training images for class(es) {', '.join(missing)}",
                            hint="check the manifest's train split")
     weights = class_weights(y_train, len(config.classes))
+    targets = _distill_targets(config, manifest, y_train, cache, root)
     if not opts.resume:
+        distill = config.extra.get("distill")
+        if distill:
+            distill = {**distill, **targets[1]}
         config = RunConfig.from_dict({**config.to_dict(), "extra": {**config.extra, "class_weights": {
-            c: round(weights[i], 6) for i, c in enumerate(config.classes)}, "devices": devices}})
+            c: round(weights[i], 6) for i, c in enumerate(config.classes)}, "devices": devices, "distill": distill}})
         rd.path.mkdir(parents=True, exist_ok=True)
         write_json(rd.config_path, config.to_dict())
         manifest.save(rd.manifest_path)
@@ -420,12 +466,15 @@ def train(opts: TrainOptions) -> dict:
     if first < config.epochs:
         aug = run_recipe(config.augmentation)
         masks = white_cell_masks(manifest, "train", spec, cache, root) if aug.needs_cells else None
+        rows = None if targets is None else targets[0]
+        sample_weights = None if rows is None else np.array([weights[int(c)] for c in y_train], np.float32)
         ds = train_dataset(x_train, y_train, batch_size=config.batch_size, seed=config.seed, first_epoch=first,
                            last_epoch=config.epochs, augment=aug, paired=paired, drop_remainder=drop_remainder,
-                           masks=masks)
+                           masks=masks, targets=rows, sample_weights=sample_weights)
         model.fit(ds, validation_data=eval_dataset(x_val, y_val, batch_size=max(config.batch_size, 32),
                                                       paired=paired),
-                  epochs=config.epochs, initial_epoch=first, steps_per_epoch=steps, class_weight=weights,
+                  epochs=config.epochs, initial_epoch=first, steps_per_epoch=steps,
+                  class_weight=weights if rows is None else None,
                   callbacks=callbacks, verbose=0, shuffle=False)
     checkpoint.finish(devices)
     result = {"run_dir": str(rd.path), "history": checkpoint.state["history"], "metrics": None}
@@ -437,6 +486,25 @@ def train(opts: TrainOptions) -> dict:
         if opts.audit:
             result["audit"] = _audit(rd.path, result["metrics"], cache, best)
     return result
+
+
+def _distill_targets(config: RunConfig, manifest: Manifest, y_train: np.ndarray, cache: ImageCache,
+                     root) -> tuple[np.ndarray, dict] | None:
+    """``(target rows [N, 1 + C], their record)`` from the run's teachers, or None without distillation.
+
+    The teachers are reopened from the run's record (their weights' digests
+    checked), so a new run and a resumed one compute the same targets.
+    """
+    distill = config.extra.get("distill")
+    if not distill:
+        return None
+    teachers = reopen_teachers(distill)
+    probs, each = soft_targets(teachers, manifest, "train", cache, root)
+    record = describe_distill(teachers, distill["alpha"], distill["temperature"], y_train, probs, each)
+    log.info("distilling from %d teacher(s): their mean gets %.1f %% of the training images right (mean "
+             "confidence %.3f); alpha %g, T %g", len(teachers), 100 * record["target_train_accuracy"],
+             record["target_mean_confidence"], distill["alpha"], distill["temperature"])
+    return target_rows(y_train, probs), record
 
 
 def _audit(run_dir: Path, metrics: dict, cache: ImageCache, model) -> dict | None:
