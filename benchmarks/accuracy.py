@@ -226,7 +226,7 @@ def main() -> int:
                 print(f"{tag}: {rows[-1]}")
             summaries.append(summarise(name, variant, rows))
     write_results(args.name, {"rows": summaries, "trainings": trainings}, markdown(summaries, n_test, trainings),
-                  "Accuracy levers: TTA and ensembles through the device", out_dir=args.out_dir)
+                  "Accuracy levers through the device: TTA, ensembles, schedule length, distillation", out_dir=args.out_dir)
     return 0
 
 
