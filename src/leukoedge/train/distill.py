@@ -50,9 +50,10 @@ from ..errors import RunError, UsageError
 from ..files import sha256_file
 
 log = logging.getLogger(__name__)
-#: Defaults of ``--distill-weight`` and ``--temperature``.
+#: Defaults of ``--distill-weight`` and ``--temperature``. Measured (benchmarks/results/accuracy.md, leuko-small,
+#: robust augmentation, 4 teachers, int8 test block): T 1 gave 95.7 % +- 1.6 over 3 seeds, T 2 93.2 % over 2.
 DEFAULT_ALPHA = 0.5
-DEFAULT_TEMPERATURE = 2.0
+DEFAULT_TEMPERATURE = 1.0
 
 
 def check_options(alpha: float, temperature: float) -> None:
