@@ -48,6 +48,7 @@ import numpy as np
 from ..data.records import Manifest
 from ..errors import RunError, UsageError
 from ..files import sha256_file
+from .rundir import RunDir, read_json
 
 log = logging.getLogger(__name__)
 #: Defaults of ``--distill-weight`` and ``--temperature``. Measured (benchmarks/results/accuracy.md, leuko-small,
@@ -68,8 +69,6 @@ class Teacher:
     """One finished run used as a teacher: its model, its preprocessing and the digest of its weights."""
 
     def __init__(self, run_dir: str | Path) -> None:
-        from .rundir import RunDir
-
         rd = RunDir(Path(run_dir))
         if rd.is_cv:
             raise UsageError(f"--teacher {run_dir} is a cross-validation run",
@@ -79,8 +78,6 @@ class Teacher:
         rd.require(rd.config_path, rd.manifest_path, rd.model_path)
         state = rd.path / "state.json"
         if state.exists():
-            from .rundir import read_json
-
             if not read_json(state).get("finished"):
                 raise UsageError(f"--teacher {run_dir} has not finished training",
                                  hint=f"finish it first: leukoedge train --out {run_dir} --resume")
