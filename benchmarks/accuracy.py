@@ -121,6 +121,9 @@ def training_of(runs: list[Path]) -> dict:
     return {"runs": [str(r) for r in runs], "models": sorted({c.model for c in configs}),
             "augment": sorted({c.augmentation.get("recipe", "?") for c in configs}),
             "scale_jitter": sorted({c.scale_jitter for c in configs}), "max_epochs": sorted({c.epochs for c in configs}),
+            "input_sizes": sorted({c.input_size for c in configs}),
+            "ema": sorted({(c.extra.get("averaging") or {}).get("momentum") or 0.0 for c in configs}),
+            "label_smoothing": sorted({float(c.extra.get("label_smoothing") or 0.0) for c in configs}),
             "seeds": [c.seed for c in configs], "kept_epochs": [h.get("kept_epoch") for h in histories],
             "train_minutes": [round(float(h.get("train_seconds", 0)) / 60, 1) for h in histories],
             "distill": None if not distill else {
@@ -132,9 +135,15 @@ def training_markdown(trainings: dict[str, dict]) -> list[str]:
     lines = ["", "How each recipe trained (read from its runs):", ""]
     for name, t in trainings.items():
         jitter = ", ".join(f"{j:g}" for j in t["scale_jitter"])
-        text = (f"- **{name}**: {', '.join(t['models'])}, `--augment {'/'.join(t['augment'])}`, scale jitter {jitter}, "
+        sizes = "/".join(map(str, t.get("input_sizes", [])))
+        text = (f"- **{name}**: {', '.join(t['models'])} at {sizes} px, `--augment {'/'.join(t['augment'])}`, "
+                f"scale jitter {jitter}, "
                 f"max {'/'.join(map(str, t['max_epochs']))} epochs, seeds {t['seeds']}, kept epochs "
                 f"{t['kept_epochs']}, training {t['train_minutes']} min")
+        if any(t.get("ema", [])):
+            text += f", weight average (EMA) momentum {'/'.join(f'{m:g}' for m in t['ema'])}"
+        if any(t.get("label_smoothing", [])):
+            text += f", label smoothing {'/'.join(f'{e:g}' for e in t['label_smoothing'])}"
         d = t["distill"]
         if d:
             text += (f"; distilled from {len(d['teachers'])} teachers ({', '.join(d['teachers'])}), alpha "
@@ -226,7 +235,8 @@ def main() -> int:
                 print(f"{tag}: {rows[-1]}")
             summaries.append(summarise(name, variant, rows))
     write_results(args.name, {"rows": summaries, "trainings": trainings}, markdown(summaries, n_test, trainings),
-                  "Accuracy levers through the device: TTA, ensembles, schedule length, distillation", out_dir=args.out_dir)
+                  "Accuracy levers through the device: TTA, ensembles, schedule length, distillation, weight "
+                  "averaging, label smoothing, input size", out_dir=args.out_dir)
     return 0
 
 

@@ -85,6 +85,11 @@ def register(subparsers) -> None:
                    help="share of the loss taken from the teachers, 0..1 (default 0.5)")
     p.add_argument("--temperature", type=float, metavar="T",
                    help="softening temperature of the distillation (default 1; 2 measured worse)")
+    p.add_argument("--ema", type=float, metavar="M",
+                   help="validate, keep and export the exponential moving average of the weights, momentum M "
+                        "(e.g. 0.99: ~100 steps); default off")
+    p.add_argument("--label-smoothing", type=float, metavar="E",
+                   help="train towards (1-E) x the label + E spread over the classes (e.g. 0.1); default 0 (off)")
     p.add_argument("--patience", type=int, default=8, help="early-stopping patience in epochs (default 8)")
     p.add_argument("--select", metavar="val_loss|val_accuracy",
                    help="which epoch model.keras keeps (and early stopping watches): lowest val_loss, or highest "
@@ -143,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         distribute=args.distribute, ood_dirs=tuple(args.ood), consistency=args.consistency, audit=not args.no_audit,
         select=args.select, um_per_px=args.um_per_px, rbc_um=args.rbc_um, scale_jitter=args.scale_jitter,
         init=args.init, teachers=tuple(args.teacher), distill_alpha=args.distill_weight,
-        temperature=args.temperature)
+        temperature=args.temperature, ema=args.ema, label_smoothing=args.label_smoothing)
     if cv_run or folds:
         return _cross_validate(opts, folds, args.folds)
     result = train(opts)

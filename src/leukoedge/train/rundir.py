@@ -108,6 +108,7 @@ class RunDir:
     manifest_path = property(lambda self: self.path / "manifest.json")
     model_path = property(lambda self: self.path / "model.keras")
     last_model_path = property(lambda self: self.path / "last.keras")
+    average_path = property(lambda self: self.path / "last_average.npz")
     state_path = property(lambda self: self.path / "state.json")
     history_path = property(lambda self: self.path / "history.json")
     ood_path = property(lambda self: self.path / "ood.json")

@@ -51,6 +51,13 @@ arrays -> tf.data -> model -> fit -> history -> evaluation. Choices:
   targets beside the labels (:mod:`.distill`); the targets and their accuracy
   go to ``config.json["extra"]["distill"]``, the loss line of the card names
   them, and validation stays plain cross-entropy.
+- Weight averaging (issue 18): ``ema`` (``--ema M``) validates, keeps and
+  exports the exponential moving average of the weights while the optimizer
+  continues from the raw ones (:mod:`.averaging`); the average survives
+  ``--resume`` in ``last_average.npz``.
+- Label smoothing (issue 18): ``label_smoothing`` (``--label-smoothing E``)
+  trains towards ``(1 - E) one-hot + E / C`` (:mod:`.smoothing`); validation
+  loss is the same smoothed loss.
 - Devices: ``MirroredStrategy`` over all GPUs when there are several, mixed
   float16 when any GPU is present (the ``probabilities`` layer stays float32);
   plain CPU otherwise. ``distribute="mirrored"`` forces MirroredStrategy over
@@ -84,6 +91,8 @@ from ..files import atomic_path, write_json
 from ..models.pretrained import apply_backbone, load_backbone, source_key
 from ..preprocess import PreprocessSpec
 from .augment import recipe, run_recipe
+from .averaging import WeightAverage, check_momentum
+from .averaging import describe as describe_averaging
 from .consistency import PairedConsistencyLoss, check_replicas, check_weight, describe
 from .dataset import (ImageCache, class_weights, eval_dataset, load_split, steps_per_epoch, train_dataset,
                       white_cell_masks)
@@ -91,6 +100,8 @@ from .distill import (DEFAULT_ALPHA, DEFAULT_TEMPERATURE, DistillationLoss, Labe
                       describe_loss, open_teachers, reopen_teachers, soft_targets, target_rows)
 from .distill import describe as describe_distill
 from .rundir import RunConfig, RunDir, read_json
+from .smoothing import SmoothedCrossEntropy, check_epsilon
+from .smoothing import describe_loss as describe_smoothed_loss
 from .training_scale import check_rbc_um, check_um_per_px, training_scale
 
 log = logging.getLogger(__name__)
@@ -140,6 +151,10 @@ class TrainOptions:
         teachers: finished run directories to distil from (``--teacher``, :mod:`.distill`); empty = none.
         distill_alpha / temperature: the teachers' share of the loss and the softening temperature
             (None = :data:`~.distill.DEFAULT_ALPHA` / :data:`~.distill.DEFAULT_TEMPERATURE`).
+        ema: momentum of the weight average (``--ema``, :mod:`.averaging`); None = no averaging for a
+            new run and the run's own choice on resume.
+        label_smoothing: ``E`` of :mod:`.smoothing` (``--label-smoothing``); None = 0 (off) for a new
+            run and the run's own value on resume.
     """
 
     out: Path
@@ -168,8 +183,17 @@ class TrainOptions:
     teachers: tuple = ()
     distill_alpha: float | None = None
     temperature: float | None = None
+    ema: float | None = None
+    label_smoothing: float | None = None
 
     def __post_init__(self) -> None:
+        if self.ema is not None:
+            check_momentum(self.ema)
+        if self.label_smoothing is not None:
+            check_epsilon(self.label_smoothing)
+            if self.label_smoothing and (self.teachers or self.consistency):
+                raise UsageError("--label-smoothing cannot be combined with --teacher or --consistency yet",
+                                 hint="those losses keep their own cross-entropy on the hard label")
         if self.teachers or self.distill_alpha is not None or self.temperature is not None:
             check_options(DEFAULT_ALPHA if self.distill_alpha is None else self.distill_alpha,
                           DEFAULT_TEMPERATURE if self.temperature is None else self.temperature)
@@ -218,7 +242,8 @@ def resolve_config(opts: TrainOptions, scale: dict | None = None, backbone=None,
     weight = float(opts.consistency or 0.0)
     alpha = DEFAULT_ALPHA if opts.distill_alpha is None else float(opts.distill_alpha)
     temperature = DEFAULT_TEMPERATURE if opts.temperature is None else float(opts.temperature)
-    loss = "sparse categorical cross-entropy, class-weighted" + (
+    smoothing = float(opts.label_smoothing or 0.0)
+    loss = describe_smoothed_loss(smoothing) if smoothing else "sparse categorical cross-entropy, class-weighted" + (
         f" + {weight:g} x Jensen-Shannon colour consistency" if weight else "")
     return RunConfig(
         model=opts.model,
@@ -239,6 +264,8 @@ def resolve_config(opts: TrainOptions, scale: dict | None = None, backbone=None,
                "distill": {"teachers": [t.record() for t in teachers], "alpha": alpha,
                            "temperature": temperature} if teachers else None,
                "consistency": describe(weight) if weight else None, "distribute": opts.distribute,
+               "averaging": describe_averaging(opts.ema) if opts.ema is not None else None,
+               "label_smoothing": smoothing or None,
                "init": backbone.record() if backbone is not None else None,
                "leukoedge_version": __version__, "tensorflow_version": tf.__version__,
                "python": platform.python_version(), "machine": platform.platform()},
@@ -271,6 +298,10 @@ def _check_resume(opts: TrainOptions, config: RunConfig) -> None:
     for name, key in (("distill_alpha", "alpha"), ("temperature", "temperature")):
         if getattr(opts, name) is not None and getattr(opts, name) != distill.get(key):
             clashes.append(f"{name}={getattr(opts, name):g} (run has {distill.get(key, 'no distillation')})")
+    if opts.label_smoothing is not None and opts.label_smoothing != label_smoothing(config):
+        clashes.append(f"label_smoothing={opts.label_smoothing:g} (run has {label_smoothing(config):g})")
+    if opts.ema is not None and opts.ema != averaging_momentum(config):
+        clashes.append(f"ema={opts.ema:g} (run has {averaging_momentum(config) or 'no weight averaging'})")
     if opts.rbc_um is not None and opts.rbc_um != (config.scale or {}).get("rbc_um"):
         clashes.append(f"rbc_um={opts.rbc_um:g} (run has {(config.scale or {}).get('rbc_um')})")
     if clashes:
@@ -356,6 +387,17 @@ def is_better(select: str, val_loss: float, val_accuracy: float, best_loss: floa
     return abs(val_accuracy - best_accuracy) <= 1e-9 and val_loss < best_loss - 1e-7
 
 
+def averaging_momentum(config: RunConfig) -> float | None:
+    """The run's weight-average momentum, or None for a run without ``--ema``."""
+    averaging = config.extra.get("averaging")
+    return float(averaging["momentum"]) if averaging else None
+
+
+def label_smoothing(config: RunConfig) -> float:
+    """The run's label-smoothing ``E`` (0 for runs without it)."""
+    return float(config.extra.get("label_smoothing") or 0.0)
+
+
 def consistency_weight(config: RunConfig) -> float:
     """The run's colour-consistency weight (0 for runs made before it existed)."""
     return float((config.extra.get("consistency") or {}).get("weight", 0.0))
@@ -397,7 +439,9 @@ def _new_model(config: RunConfig):
         model.compile(optimizer=optimizer, loss=DistillationLoss(distill["alpha"], distill["temperature"]),
                       metrics=[LabelAccuracy()])
         return model
-    loss = PairedConsistencyLoss(weight) if weight else keras.losses.SparseCategoricalCrossentropy()
+    smoothing = label_smoothing(config)
+    loss = PairedConsistencyLoss(weight) if weight else SmoothedCrossEntropy(smoothing) if smoothing \
+        else keras.losses.SparseCategoricalCrossentropy()
     model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
     return model
 
@@ -455,10 +499,13 @@ def train(opts: TrainOptions) -> dict:
              config.model, model.count_params(), len(y_train), len(y_val), devices, first + 1, config.epochs)
     log.info("training scale: %s%s", "unknown" if spec.um_per_px is None else f"{spec.um_per_px:.4g} um/px",
              f"; scale jitter +-{100 * config.scale_jitter:.0f} %" if config.scale_jitter else "")
-    checkpoint = RunCheckpoint(rd, state, opts.patience, config)
+    momentum = averaging_momentum(config)
+    average = None if momentum is None else WeightAverage(momentum, steps, rd.average_path, resume=opts.resume)
+    checkpoint = RunCheckpoint(rd, state, opts.patience, config, average)
     callbacks = [
         keras.callbacks.LearningRateScheduler(lambda e, _lr: cosine_lr(e, config.epochs, config.learning_rate)),
         keras.callbacks.TerminateOnNaN(),
+        *([average] if average is not None else []),  # before PreciseBatchNorm: BN is measured for the average
         PreciseBatchNorm(calibrator, steps),
         checkpoint,
         TqdmProgress(steps, config.epochs),
@@ -581,12 +628,15 @@ class RunCheckpoint(keras.callbacks.Callback):
     ``state["best_epoch"]`` (0-based) is the kept epoch under the run's
     criterion; ``best_val_loss`` / ``best_val_accuracy`` are that epoch's
     figures (so under ``val_accuracy`` the loss is the kept epoch's, not the
-    lowest seen).
+    lowest seen). With a weight ``average`` (:class:`.averaging.WeightAverage`)
+    the model holds the average at epoch end: ``model.keras`` is saved from it,
+    then the raw weights go back before ``last.keras`` (which resumes training).
     """
 
-    def __init__(self, rd: RunDir, state: dict, patience: int, config: RunConfig) -> None:
+    def __init__(self, rd: RunDir, state: dict, patience: int, config: RunConfig, average=None) -> None:
         super().__init__()
         self.rd, self.state, self.patience, self.config = rd, dict(state), patience, config
+        self.average = average
         self.select = selection(config)
         self._t0 = None
 
@@ -614,6 +664,8 @@ class RunCheckpoint(keras.callbacks.Callback):
         else:
             self.state["wait"] = int(self.state.get("wait", 0)) + 1
         self.state["epoch"] = epoch
+        if self.average is not None:
+            self.average.restore_training_weights()
         _save_model(self.model, self.rd.last_model_path)
         log.info("epoch %d/%d: loss %.4f acc %.4f val_loss %.4f val_acc %.4f lr %.2e%s", epoch + 1, self.config.epochs,
                  logs.get("loss", float("nan")), logs.get("accuracy", float("nan")), val_loss, val_acc, lr,
