@@ -87,13 +87,19 @@ def measure(bundle: Path, images: np.ndarray, gray: np.ndarray, y: np.ndarray, c
 
 def latency(bundle, baseline: Path, image: np.ndarray) -> tuple[float, float]:
     """p50 invoke of ``bundle`` and of the baseline bundle, taken in turn (the repair's measurement, one thread each)."""
+    from PIL import Image
+
     from leukoedge.bundle import load_bundle
     from leukoedge.convert.repair import p50_beside
     from leukoedge.runtime import Classifier
 
     one = Classifier(bundle, num_threads=1, edgetpu="off")
-    ref = Classifier(load_bundle(baseline, allow_invalid=True), num_threads=1, edgetpu="off")
-    return p50_beside(one, ref, image, LATENCY_INVOKES)
+    ref_bundle = load_bundle(baseline, allow_invalid=True)
+    ref = Classifier(ref_bundle, num_threads=1, edgetpu="off")
+    side = ref_bundle.spec.height  # a recipe at another input size is timed beside the baseline at its own
+    ref_image = image if image.shape[:2] == (side, ref_bundle.spec.width) else np.asarray(
+        Image.fromarray(image).resize((ref_bundle.spec.width, side)))
+    return p50_beside(one, ref, image, LATENCY_INVOKES, reference_image=ref_image)
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float | None]:

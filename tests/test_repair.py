@@ -250,3 +250,25 @@ def test_when_full_int8_passes_on_validation_a_remedy_must_flip_fewer_there(tiny
         assert all(a.val_flips >= flips for a in result.attempts[1:] if a.error is None)
     else:
         assert result.kept.val_flips < flips
+
+
+def test_p50_beside_feeds_each_model_its_own_input_size():
+    """A recipe at another input size (benchmarks/accuracy.py's 192 px row) is timed beside the 160 px baseline:
+    each side gets an image of its own size, in alternating order (stubs: the sizes are what is under test)."""
+    from types import SimpleNamespace
+
+    class Timed:
+        def __init__(self, side, ms):
+            self.side, self.ms, self.calls = side, ms, 0
+
+        def run(self, image):
+            assert image.shape[:2] == (self.side, self.side)
+            self.calls += 1
+            return SimpleNamespace(invoke_ms=self.ms)
+
+    big, small = Timed(192, 3.0), Timed(160, 2.0)
+    mine, base = repair.p50_beside(big, small, np.zeros((192, 192, 3), np.uint8), 6,
+                                   reference_image=np.zeros((160, 160, 3), np.uint8))
+    assert (mine, base) == (3.0, 2.0) and big.calls == small.calls == 7  # 1 warm-up + 6 each
+    with pytest.raises(AssertionError):
+        repair.p50_beside(big, small, np.zeros((192, 192, 3), np.uint8), 2)  # without it: the wrong size

@@ -347,19 +347,22 @@ def _layer_names(diagnosis: dict) -> list[str]:
     return [f"{r['layer']} ({r['op']})" for r in diagnosis.get("layers", [])]
 
 
-def p50_beside(clf, reference, image: np.ndarray, invokes: int = LATENCY_INVOKES) -> tuple[float, float]:
+def p50_beside(clf, reference, image: np.ndarray, invokes: int = LATENCY_INVOKES,
+               reference_image: np.ndarray | None = None) -> tuple[float, float]:
     """p50 invoke of ``clf`` and of the full int8 ``reference``, invoke by invoke in turn, so that a busy
-    machine slows both alike and their ratio holds (the milliseconds alone do not)."""
-    clf.run(image), reference.run(image)  # warm-up
+    machine slows both alike and their ratio holds (the milliseconds alone do not). ``reference_image``:
+    the reference's input when its size differs (another input size's model; default ``image``)."""
+    ref_image = image if reference_image is None else reference_image
+    clf.run(image), reference.run(ref_image)  # warm-up
     mine, base = [], []
     for i in range(invokes):
         # Which model goes first alternates: the second of a pair finds the caches the first left.
         if i % 2:
-            base.append(reference.run(image).invoke_ms)
+            base.append(reference.run(ref_image).invoke_ms)
             mine.append(clf.run(image).invoke_ms)
         else:
             mine.append(clf.run(image).invoke_ms)
-            base.append(reference.run(image).invoke_ms)
+            base.append(reference.run(ref_image).invoke_ms)
     return float(np.median(mine)), float(np.median(base))
 
 
