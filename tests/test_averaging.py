@@ -12,11 +12,10 @@ keras = pytest.importorskip("keras")
 
 from conftest import training_seed  # noqa: E402
 from leukoedge.errors import RunError, UsageError  # noqa: E402
-from leukoedge.train import trainer  # noqa: E402
 from leukoedge.train.averaging import WeightAverage  # noqa: E402
 from leukoedge.train.rundir import read_json  # noqa: E402
 from leukoedge.train.trainer import TrainOptions, train  # noqa: E402
-from test_train import make_toy  # noqa: E402
+from test_train import interrupt_after_first_epoch, make_toy  # noqa: E402
 
 
 def _tiny_model():
@@ -69,16 +68,7 @@ def test_an_averaged_run_keeps_the_average_trains_on_and_resumes_the_raw_weights
     out = tmp_path / "run"
     opts = TrainOptions(out=out, model="leuko-tiny", manifest=toy, input_size=32, epochs=2, batch_size=8,
                         seed=training_seed(4), evaluate=False, ema=0.8)
-    original = trainer.RunCheckpoint.on_epoch_end
-
-    def interrupt(self, epoch, logs=None):
-        original(self, epoch, logs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(trainer.RunCheckpoint, "on_epoch_end", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        train(opts)
-    monkeypatch.setattr(trainer.RunCheckpoint, "on_epoch_end", original)
+    interrupt_after_first_epoch(monkeypatch, opts)
     config = read_json(out / "config.json")
     assert config["extra"]["averaging"]["momentum"] == 0.8 and config["extra"]["averaging"]["kind"] == "ema"
     # after epoch 1 (always kept: the first finite val_loss), model.keras is the average, last.keras the raw weights

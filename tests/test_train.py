@@ -110,6 +110,20 @@ def test_training_beats_chance_and_fills_the_run_dir(toy, tmp_path, record_prope
     assert (rd.plots_dir / "audit_perturbations.png").exists()
 
 
+def interrupt_after_first_epoch(monkeypatch, opts: TrainOptions) -> None:
+    """Train ``opts`` and stop it with KeyboardInterrupt right after epoch 1's checkpoint, as Ctrl-C would."""
+    original = trainer.RunCheckpoint.on_epoch_end
+
+    def interrupt(self, epoch, logs=None):
+        original(self, epoch, logs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer.RunCheckpoint, "on_epoch_end", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train(opts)
+    monkeypatch.setattr(trainer.RunCheckpoint, "on_epoch_end", original)
+
+
 @pytest.mark.slow
 def test_same_seed_same_result_and_resume_continues(toy, tmp_path, monkeypatch, record_property):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
@@ -123,16 +137,7 @@ def test_same_seed_same_result_and_resume_continues(toy, tmp_path, monkeypatch, 
         np.testing.assert_array_equal(wa, wb)
 
     # Interrupt run c after its first epoch (as Ctrl-C would), then resume it.
-    original = trainer.RunCheckpoint.on_epoch_end
-
-    def interrupt(self, epoch, logs=None):
-        original(self, epoch, logs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(trainer.RunCheckpoint, "on_epoch_end", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        train(_opts(toy, c, epochs=2))
-    monkeypatch.setattr(trainer.RunCheckpoint, "on_epoch_end", original)
+    interrupt_after_first_epoch(monkeypatch, _opts(toy, c, epochs=2))
     assert read_json(c / "state.json")["epoch"] == 0 and not (c / "history.json").exists()
     with pytest.raises(UsageError):
         train(_opts(toy, c, epochs=2))  # an existing run is never overwritten
