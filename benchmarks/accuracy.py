@@ -130,6 +130,8 @@ def training_of(runs: list[Path]) -> dict:
             "input_sizes": sorted({c.input_size for c in configs}),
             "ema": sorted({(c.extra.get("averaging") or {}).get("momentum") or 0.0 for c in configs}),
             "label_smoothing": sorted({float(c.extra.get("label_smoothing") or 0.0) for c in configs}),
+            "mixing": sorted({json.dumps(c.extra.get("mixing"), sort_keys=True) for c in configs
+                              if c.extra.get("mixing")}),
             "seeds": [c.seed for c in configs], "kept_epochs": [h.get("kept_epoch") for h in histories],
             "train_minutes": [round(float(h.get("train_seconds", 0)) / 60, 1) for h in histories],
             "distill": None if not distill else {
@@ -150,6 +152,9 @@ def training_markdown(trainings: dict[str, dict]) -> list[str]:
             text += f", weight average (EMA) momentum {'/'.join(f'{m:g}' for m in t['ema'])}"
         if any(t.get("label_smoothing", [])):
             text += f", label smoothing {'/'.join(f'{e:g}' for e in t['label_smoothing'])}"
+        for record in map(json.loads, t.get("mixing", [])):
+            text += (f", {record['method']} alpha {record['alpha']:g} on {100 * record['probability']:.0f} % of "
+                     f"the training images")
         d = t["distill"]
         if d:
             text += (f"; distilled from {len(d['teachers'])} teachers ({', '.join(d['teachers'])}), alpha "
@@ -242,7 +247,7 @@ def main() -> int:
             summaries.append(summarise(name, variant, rows))
     write_results(args.name, {"rows": summaries, "trainings": trainings}, markdown(summaries, n_test, trainings),
                   "Accuracy levers through the device: TTA, ensembles, schedule length, distillation, weight "
-                  "averaging, label smoothing, input size", out_dir=args.out_dir)
+                  "averaging, label smoothing, mixup / CutMix, input size", out_dir=args.out_dir)
     return 0
 
 

@@ -90,6 +90,13 @@ def register(subparsers) -> None:
                         "(e.g. 0.99: ~100 steps); default off")
     p.add_argument("--label-smoothing", type=float, metavar="E",
                    help="train towards (1-E) x the label + E spread over the classes (e.g. 0.1); default 0 (off)")
+    p.add_argument("--mix", choices=("mixup", "cutmix"),
+                   help="train on blends of two training images with their labels blended in the same shares: "
+                        "mixup blends the pixels, cutmix pastes a rectangle of one into the other; default off")
+    p.add_argument("--mix-alpha", type=float, metavar="A",
+                   help="Beta(A, A) draws each blend's share (default 0.2 for mixup, 1.0 for cutmix)")
+    p.add_argument("--mix-prob", type=float, metavar="P",
+                   help="share of the training images that are mixed, (0, 1] (default 0.5)")
     p.add_argument("--patience", type=int, default=8, help="early-stopping patience in epochs (default 8)")
     p.add_argument("--select", metavar="val_loss|val_accuracy",
                    help="which epoch model.keras keeps (and early stopping watches): lowest val_loss, or highest "
@@ -148,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
         distribute=args.distribute, ood_dirs=tuple(args.ood), consistency=args.consistency, audit=not args.no_audit,
         select=args.select, um_per_px=args.um_per_px, rbc_um=args.rbc_um, scale_jitter=args.scale_jitter,
         init=args.init, teachers=tuple(args.teacher), distill_alpha=args.distill_weight,
-        temperature=args.temperature, ema=args.ema, label_smoothing=args.label_smoothing)
+        temperature=args.temperature, ema=args.ema, label_smoothing=args.label_smoothing,
+        mix=args.mix, mix_alpha=args.mix_alpha, mix_prob=args.mix_prob)
     if cv_run or folds:
         return _cross_validate(opts, folds, args.folds)
     result = train(opts)

@@ -88,7 +88,7 @@ def epoch_orders(n: int, seed: int, first_epoch: int, last_epoch: int) -> np.nda
 def train_dataset(x: np.ndarray, y: np.ndarray, *, batch_size: int, seed: int, first_epoch: int,
                   last_epoch: int, augment: AugmentConfig, paired: bool = False, drop_remainder: bool = False,
                   masks: np.ndarray | None = None, targets: np.ndarray | None = None,
-                  sample_weights: np.ndarray | None = None):
+                  sample_weights: np.ndarray | None = None, mixer=None):
     """Batches for epochs ``first_epoch..last_epoch-1``, shuffled and augmented per (seed, epoch).
 
     ``masks`` (uint8 ``[N, H, W]``, from :func:`white_cell_masks`) are required by
@@ -104,6 +104,11 @@ def train_dataset(x: np.ndarray, y: np.ndarray, *, batch_size: int, seed: int, f
     ``targets`` (float32 ``[N, T]``, e.g. :func:`~leukoedge.train.distill.target_rows`) replace the
     labels as each image's ``y``, and ``sample_weights`` (float32 ``[N]``) are yielded as its weight:
     ``(image, target, weight)`` per element (distillation; not with ``paired``).
+
+    ``mixer`` (a :class:`~leukoedge.train.mixing.Mixer`, not with ``paired`` or
+    ``targets``) blends each augmented batch with itself: batches become
+    ``(images, target rows [B, 1 + C], weights [B])``, the weights carrying the
+    class weights, keyed by (seed, epoch, batch).
     """
     import tensorflow as tf
 
@@ -122,6 +127,8 @@ def train_dataset(x: np.ndarray, y: np.ndarray, *, batch_size: int, seed: int, f
         if paired or sample_weights is None or len(targets) != n or len(sample_weights) != n:
             raise UsageError("per-image targets need one weight per image and no paired views")
         rows, row_weights = tf.constant(targets, tf.float32), tf.constant(sample_weights, tf.float32)
+    if mixer is not None and (paired or targets is not None):
+        raise UsageError("mixing blends plain labels: not with paired views or per-image targets")
 
     def one_epoch(order, epoch):
         positions = tf.range(n, dtype=tf.int64)
@@ -148,6 +155,9 @@ def train_dataset(x: np.ndarray, y: np.ndarray, *, batch_size: int, seed: int, f
             return tf.stack([view_a, view_b]), tf.stack([label, label])
 
         batches = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size, drop_remainder=drop_remainder)
+        if mixer is not None:
+            return batches.enumerate().map(lambda i, batch: mixer(
+                *batch, tf.stack([tf.constant(seed, tf.int64) + 3_000_017, epoch * n + i])))
         return batches.map(_flatten_pairs) if paired else batches
 
     ds = tf.data.Dataset.from_tensor_slices((orders, epochs)).flat_map(one_epoch)

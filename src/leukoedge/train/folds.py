@@ -58,10 +58,11 @@ CV_VERSION = 1
 #: TrainOptions fields saved in cv_config.json (the rest are per fold or per invocation).
 SAVED_OPTIONS = ("model", "data_root", "epochs", "batch_size", "learning_rate", "input_size", "seed", "augment",
                  "colour", "patience", "distribute", "ood_dirs", "audit", "consistency", "select", "um_per_px",
-                 "rbc_um", "scale_jitter", "init", "ema", "label_smoothing")
+                 "rbc_um", "scale_jitter", "init", "ema", "label_smoothing", "mix", "mix_alpha", "mix_prob")
 #: Options a --resume may repeat but not change (as for a single run's --resume).
 FIXED_ON_RESUME = ("model", "epochs", "batch_size", "learning_rate", "input_size", "colour", "consistency", "select",
-                   "um_per_px", "rbc_um", "scale_jitter", "init", "ema", "label_smoothing")
+                   "um_per_px", "rbc_um", "scale_jitter", "init", "ema", "label_smoothing", "mix", "mix_alpha",
+                   "mix_prob")
 
 
 def train_folds(opts: "TrainOptions", folds: Sequence[Manifest] | None = None) -> dict:

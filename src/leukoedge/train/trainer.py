@@ -58,6 +58,11 @@ arrays -> tf.data -> model -> fit -> history -> evaluation. Choices:
 - Label smoothing (issue 18): ``label_smoothing`` (``--label-smoothing E``)
   trains towards ``(1 - E) one-hot + E / C`` (:mod:`.smoothing`); validation
   loss is the same smoothed loss.
+- Mixup / CutMix (issue 18): ``mix`` (``--mix mixup|cutmix``, ``--mix-alpha``,
+  ``--mix-prob``) blends augmented training batches with themselves and
+  their labels and class weights in the same shares (:mod:`.mixing`); the
+  class weights then travel inside the batches instead of ``class_weight``,
+  and validation (never mixed) is plain (or smoothed) cross-entropy.
 - Devices: ``MirroredStrategy`` over all GPUs when there are several, mixed
   float16 when any GPU is present (the ``probabilities`` layer stays float32);
   plain CPU otherwise. ``distribute="mirrored"`` forces MirroredStrategy over
@@ -99,6 +104,8 @@ from .dataset import (ImageCache, class_weights, eval_dataset, load_split, steps
 from .distill import (DEFAULT_ALPHA, DEFAULT_TEMPERATURE, DistillationLoss, LabelAccuracy, check_options,
                       describe_loss, open_teachers, reopen_teachers, soft_targets, target_rows)
 from .distill import describe as describe_distill
+from .mixing import MixedCrossEntropy, Mixer, check_mixing
+from .mixing import describe as describe_mixing
 from .rundir import RunConfig, RunDir, read_json
 from .smoothing import SmoothedCrossEntropy, check_epsilon
 from .smoothing import describe_loss as describe_smoothed_loss
@@ -185,8 +192,18 @@ class TrainOptions:
     temperature: float | None = None
     ema: float | None = None
     label_smoothing: float | None = None
+    mix: str | None = None
+    mix_alpha: float | None = None
+    mix_prob: float | None = None
 
     def __post_init__(self) -> None:
+        if self.mix is not None:
+            check_mixing(self.mix, self.mix_alpha, self.mix_prob)
+            if self.teachers or self.consistency:
+                raise UsageError("--mix cannot be combined with --teacher or --consistency yet",
+                                 hint="their losses score each training image against its own label or views")
+        elif (self.mix_alpha is not None or self.mix_prob is not None) and not self.resume:
+            raise UsageError("--mix-alpha / --mix-prob need --mix mixup|cutmix")
         if self.ema is not None:
             check_momentum(self.ema)
         if self.label_smoothing is not None:
@@ -245,6 +262,9 @@ def resolve_config(opts: TrainOptions, scale: dict | None = None, backbone=None,
     smoothing = float(opts.label_smoothing or 0.0)
     loss = describe_smoothed_loss(smoothing) if smoothing else "sparse categorical cross-entropy, class-weighted" + (
         f" + {weight:g} x Jensen-Shannon colour consistency" if weight else "")
+    mix_record = check_mixing(opts.mix, opts.mix_alpha, opts.mix_prob) if opts.mix else None
+    if mix_record:
+        loss += f", on {describe_mixing(mix_record)}"
     return RunConfig(
         model=opts.model,
         input_size=int(opts.input_size or entry.default_input),
@@ -265,7 +285,7 @@ def resolve_config(opts: TrainOptions, scale: dict | None = None, backbone=None,
                            "temperature": temperature} if teachers else None,
                "consistency": describe(weight) if weight else None, "distribute": opts.distribute,
                "averaging": describe_averaging(opts.ema) if opts.ema is not None else None,
-               "label_smoothing": smoothing or None,
+               "label_smoothing": smoothing or None, "mixing": mix_record,
                "init": backbone.record() if backbone is not None else None,
                "leukoedge_version": __version__, "tensorflow_version": tf.__version__,
                "python": platform.python_version(), "machine": platform.platform()},
@@ -300,6 +320,10 @@ def _check_resume(opts: TrainOptions, config: RunConfig) -> None:
             clashes.append(f"{name}={getattr(opts, name):g} (run has {distill.get(key, 'no distillation')})")
     if opts.label_smoothing is not None and opts.label_smoothing != label_smoothing(config):
         clashes.append(f"label_smoothing={opts.label_smoothing:g} (run has {label_smoothing(config):g})")
+    recorded_mix = mixing_record(config) or {}
+    for name, key in (("mix", "method"), ("mix_alpha", "alpha"), ("mix_prob", "probability")):
+        if getattr(opts, name) is not None and getattr(opts, name) != recorded_mix.get(key):
+            clashes.append(f"{name}={getattr(opts, name)} (run has {recorded_mix.get(key, 'no mixing')})")
     if opts.ema is not None and opts.ema != averaging_momentum(config):
         clashes.append(f"ema={opts.ema:g} (run has {averaging_momentum(config) or 'no weight averaging'})")
     if opts.rbc_um is not None and opts.rbc_um != (config.scale or {}).get("rbc_um"):
@@ -398,6 +422,11 @@ def label_smoothing(config: RunConfig) -> float:
     return float(config.extra.get("label_smoothing") or 0.0)
 
 
+def mixing_record(config: RunConfig) -> dict | None:
+    """The run's ``--mix`` record (:func:`.mixing.check_mixing`), or None for a run without mixing."""
+    return config.extra.get("mixing") or None
+
+
 def consistency_weight(config: RunConfig) -> float:
     """The run's colour-consistency weight (0 for runs made before it existed)."""
     return float((config.extra.get("consistency") or {}).get("weight", 0.0))
@@ -440,6 +469,9 @@ def _new_model(config: RunConfig):
                       metrics=[LabelAccuracy()])
         return model
     smoothing = label_smoothing(config)
+    if mixing_record(config):
+        model.compile(optimizer=optimizer, loss=MixedCrossEntropy(smoothing), metrics=[LabelAccuracy()])
+        return model
     loss = PairedConsistencyLoss(weight) if weight else SmoothedCrossEntropy(smoothing) if smoothing \
         else keras.losses.SparseCategoricalCrossentropy()
     model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
@@ -515,13 +547,14 @@ def train(opts: TrainOptions) -> dict:
         masks = white_cell_masks(manifest, "train", spec, cache, root) if aug.needs_cells else None
         rows = None if targets is None else targets[0]
         sample_weights = None if rows is None else np.array([weights[int(c)] for c in y_train], np.float32)
+        mixer = Mixer.from_record(mixing_record(config), weights) if mixing_record(config) else None
         ds = train_dataset(x_train, y_train, batch_size=config.batch_size, seed=config.seed, first_epoch=first,
                            last_epoch=config.epochs, augment=aug, paired=paired, drop_remainder=drop_remainder,
-                           masks=masks, targets=rows, sample_weights=sample_weights)
+                           masks=masks, targets=rows, sample_weights=sample_weights, mixer=mixer)
         model.fit(ds, validation_data=eval_dataset(x_val, y_val, batch_size=max(config.batch_size, 32),
                                                       paired=paired),
                   epochs=config.epochs, initial_epoch=first, steps_per_epoch=steps,
-                  class_weight=weights if rows is None else None,
+                  class_weight=weights if rows is None and mixer is None else None,  # else inside the batches
                   callbacks=callbacks, verbose=0, shuffle=False)
     checkpoint.finish(devices)
     result = {"run_dir": str(rd.path), "history": checkpoint.state["history"], "metrics": None}
