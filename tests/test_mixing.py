@@ -164,3 +164,16 @@ def test_a_mixed_run_validates_unmixed_records_the_blend_and_refuses_another_on_
     assert main(["train", "--model", "leuko-tiny", "--out", str(out), "--resume", "--mix", "mixup"]) == 2
     assert "mix=mixup (run has cutmix)" in capsys.readouterr().err
     assert json.loads((out / "config.json").read_text()) == config
+
+
+@pytest.mark.slow
+def test_mixing_trains_under_mirrored_strategy(tmp_path):
+    """The (images, rows, weights) batches split across 2 logical CPUs, as over 2 GPUs."""
+    from test_train import train_on_two_logical_cpus
+
+    toy = make_toy(tmp_path / "toy", per_class=8, seed=training_seed())
+    run = train_on_two_logical_cpus(toy, tmp_path, batch_size=8, seed=training_seed(7), mix="mixup", mix_prob=1.0)
+    config = read_json(run / "config.json")
+    assert config["extra"]["devices"] == "MirroredStrategy over 2 CPU device(s)"
+    assert config["extra"]["mixing"]["method"] == "mixup"
+    assert np.isfinite(read_json(run / "history.json")["history"]["loss"][0])
