@@ -3,6 +3,7 @@
 
     python benchmarks/transfer.py --manifest MANIFEST.json --data TALEQANI_ROOT --pbc PBC_ROOT --work DIR
                                   [--fractions 0.10 0.25] [--folds 5] [--tasks pbc taleqani]
+                                  [--extra-arms mixup cutmix] [--extra-tasks pbc]
 
 Two tasks, each trained twice per fold with the same options except the
 initial weights (``leukoedge train --model leuko-small --no-audit``; the
@@ -24,6 +25,11 @@ augmentation are the model's defaults in both):
   starting at our backbone when its data resembles ours (an upper bound).
   PBC is the honest transfer figure.
 
+``--extra-arms`` adds recipes trained from scratch on the same folds of the
+``--extra-tasks`` (default pbc), each compared with the scratch arm fold by
+fold in a second table: ``mixup`` / ``cutmix`` (``--mix``, at its defaults),
+the small-data regularisers a lab would try before a backbone.
+
 Runs are cached under ``--work`` (a finished run is read, not retrained);
 the arms of each fold run back to back so an interrupted benchmark still
 gives paired folds. Writes benchmarks/results/transfer.{md,json}.
@@ -42,6 +48,8 @@ from leukoedge.bench.machine import machine_info
 from leukoedge.data.records import Manifest, ManifestEntry
 
 ARMS = {"scratch": [], "leukoedge-smear": ["--init", "leukoedge-smear"]}
+#: Recipes compared with the scratch arm on the same folds (``--extra-arms``).
+EXTRA_ARMS = {"mixup": ["--mix", "mixup"], "cutmix": ["--mix", "cutmix"]}
 BASE = ["--model", "leuko-small", "--no-audit"]
 
 
@@ -82,13 +90,14 @@ def run_taleqani(args, fraction: float) -> dict:
     source = Manifest.load(args.manifest)
     task = args.work / f"taleqani-{round(100 * fraction)}"
     folds = subset_folds(source, fraction, args.folds)
-    rows: dict[str, list[dict]] = {arm: [] for arm in ARMS}
+    arms = arms_of(args, task.name)
+    rows: dict[str, list[dict]] = {arm: [] for arm in arms}
     for k, manifest in enumerate(folds, 1):
         path = task / "folds" / f"fold-{k}.json"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             manifest.save(path)
-        for arm, extra in ARMS.items():
+        for arm, extra in arms.items():
             out = task / arm / f"fold-{k}"
             if not (out / "metrics.json").exists():
                 run(train_cmd("--manifest", path, "--data", args.data, "--um-per-px", args.um_per_px, *extra,
@@ -101,7 +110,7 @@ def run_taleqani(args, fraction: float) -> dict:
 
 def run_pbc(args) -> dict:
     rows: dict[str, list[dict]] = {}
-    for arm, extra in ARMS.items():
+    for arm, extra in arms_of(args, "pbc").items():
         out = args.work / "pbc" / arm
         if not (out / "cv.json").exists() or not json.loads((out / "cv.json").read_text()).get("complete"):
             resume = ["--resume"] if (out / "cv_config.json").exists() else ["--data", args.pbc, "--folds", args.folds]
@@ -110,6 +119,12 @@ def run_pbc(args) -> dict:
     cv = json.loads((args.work / "pbc" / "scratch" / "cv.json").read_text())
     return {"task": "pbc", "fraction": None, "n_subset": cv["pooled"]["n"], "n_test": cv["pooled"]["n"],
             "split_kind": cv.get("split_kind"), "arms": summarise(rows)}
+
+
+def arms_of(args, task: str) -> dict[str, list[str]]:
+    """The arms trained on ``task``: scratch and the backbone, plus ``--extra-arms`` where ``--extra-tasks`` names it."""
+    wanted = task in args.extra_tasks or task.split("-")[0] in args.extra_tasks
+    return {**ARMS, **({a: EXTRA_ARMS[a] for a in args.extra_arms} if wanted else {})}
 
 
 def fold_row(run_dir: Path, k: int, audit: bool = False) -> dict:
@@ -142,9 +157,18 @@ def summarise(rows: dict[str, list[dict]]) -> dict:
     scratch, init = (rows.get(a) for a in ARMS)
     if scratch and init:
         diffs = [b["accuracy"] - a["accuracy"] for a, b in zip(scratch, init)]
-        out["gain"] = {"mean": statistics.fmean(diffs), "sd": statistics.stdev(diffs) if len(diffs) > 1 else None,
-                       "per_fold": diffs, "folds_better": sum(d > 0 for d in diffs), "folds": len(diffs)}
+        out["gain"] = gain(scratch, init)
+    extras = {arm: gain(scratch, folds) for arm, folds in rows.items() if arm in EXTRA_ARMS and scratch}
+    if extras:
+        out["extra_gains"] = extras
     return out
+
+
+def gain(scratch: list[dict], other: list[dict]) -> dict:
+    """``other`` minus ``scratch``, fold by fold (the same folds): mean, sd, and how many folds it wins."""
+    diffs = [b["accuracy"] - a["accuracy"] for a, b in zip(scratch, other)]
+    return {"mean": statistics.fmean(diffs), "sd": statistics.stdev(diffs) if len(diffs) > 1 else None,
+            "per_fold": diffs, "folds_better": sum(d > 0 for d in diffs), "folds": len(diffs)}
 
 
 def pct(x: float | None) -> str:
@@ -179,6 +203,20 @@ def markdown(tasks: list[dict]) -> str:
             f"fold {a['fold']}: {pct(a['accuracy'])} ({a['kept_epoch']}/{a['epochs_run']}) -> "
             f"{pct(b['accuracy'])} ({b['kept_epoch']}/{b['epochs_run']})"
             for a, b in zip(t["arms"]["scratch"]["folds"], t["arms"]["leukoedge-smear"]["folds"])))
+    extra = [t for t in tasks if t["arms"].get("extra_gains")]
+    if extra:
+        lines += ["", "Other small-data recipes, from scratch on the same folds (`--extra-arms`; each arm adds only its "
+                  "option to the scratch command):", "",
+                  "| task | arm | option | accuracy | gain over scratch (points, mean +- sd over folds) | folds better "
+                  "| per fold (test accuracy %, kept epoch / epochs run) | mean training time |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for t in extra:
+            for arm, g in t["arms"]["extra_gains"].items():
+                a = t["arms"][arm]
+                per_fold = "; ".join(f"{pct(f['accuracy'])} ({f['kept_epoch']}/{f['epochs_run']})" for f in a["folds"])
+                lines.append(f"| {t['task']} | {arm} | `{' '.join(EXTRA_ARMS[arm])}` | {pct(a['accuracy_mean'])} +- "
+                             f"{pct(a['accuracy_sd'])} | {pct(g['mean'])} +- {pct(g['sd'])} | {g['folds_better']} of "
+                             f"{g['folds']} | {per_fold} | {a['train_seconds_mean']:.0f} s |")
     return "\n".join(lines)
 
 
@@ -195,6 +233,10 @@ def main() -> int:
     ap.add_argument("--audit", nargs="*", default=[], metavar="TASK",
                     help="also run `leukoedge eval RUN --audit` on every fold run of these tasks (e.g. taleqani-10): "
                          "the grayscale column")
+    ap.add_argument("--extra-arms", nargs="*", default=[], choices=sorted(EXTRA_ARMS),
+                    help="also train these recipes from scratch on the same folds (second table)")
+    ap.add_argument("--extra-tasks", nargs="*", default=["pbc"], metavar="TASK",
+                    help="the tasks the extra arms run on: pbc, taleqani, or taleqani-10 (default: pbc)")
     ap.add_argument("--name", default="transfer")
     ap.add_argument("--out-dir", type=Path, default=RESULTS, help="where transfer.{md,json} go")
     args = ap.parse_args()

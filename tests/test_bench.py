@@ -307,3 +307,21 @@ def test_transfer_subset_folds_rotate_val_over_a_stratified_subset_and_keep_the_
         seen_val += [e.path for e in m.subset("val")]
         assert {e.path for e in m.subset("val")}.isdisjoint(e.path for e in m.subset("train"))
     assert sorted(seen_val) == sorted(subset)  # each subset image validates exactly once
+
+
+def test_transfer_extra_arms_are_compared_with_scratch_fold_by_fold(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from transfer import markdown, summarise
+
+    def folds(*accuracies):
+        return [{"fold": k, "accuracy": a, "grayscale": None, "train_seconds": 10.0 * k, "kept_epoch": k,
+                 "epochs_run": k + 8} for k, a in enumerate(accuracies, 1)]
+
+    arms = summarise({"scratch": folds(0.80, 0.90, 0.70), "leukoedge-smear": folds(0.85, 0.85, 0.75),
+                      "mixup": folds(0.90, 0.90, 0.60)})
+    mixup = arms["extra_gains"]["mixup"]
+    assert mixup["per_fold"] == pytest.approx([0.10, 0.0, -0.10]) and mixup["folds_better"] == 1
+    assert mixup["mean"] == pytest.approx(0.0) and arms["gain"]["folds_better"] == 2
+    text = markdown([{"task": "pbc", "n_subset": 15, "n_test": 15, "arms": arms}])
+    assert "| pbc | mixup | `--mix mixup` | 80.0 +- 17.3 | 0.0 +- 10.0 | 1 of 3 | 90.0 (1/9); 90.0 (2/10); 60.0 (3/11) | 20 s |" in text
+    assert "extra_gains" not in summarise({"scratch": folds(0.8), "leukoedge-smear": folds(0.9)})
