@@ -547,7 +547,7 @@ def train(opts: TrainOptions) -> dict:
         masks = white_cell_masks(manifest, "train", spec, cache, root) if aug.needs_cells else None
         rows = None if targets is None else targets[0]
         sample_weights = None if rows is None else np.array([weights[int(c)] for c in y_train], np.float32)
-        mixer = Mixer.from_record(mixing_record(config), weights) if mixing_record(config) else None
+        mixer = Mixer.from_record(mix, weights) if (mix := mixing_record(config)) else None
         ds = train_dataset(x_train, y_train, batch_size=config.batch_size, seed=config.seed, first_epoch=first,
                            last_epoch=config.epochs, augment=aug, paired=paired, drop_remainder=drop_remainder,
                            masks=masks, targets=rows, sample_weights=sample_weights, mixer=mixer)
