@@ -246,8 +246,9 @@ def main() -> int:
                 print(f"{tag}: {rows[-1]}")
             summaries.append(summarise(name, variant, rows))
     write_results(args.name, {"rows": summaries, "trainings": trainings}, markdown(summaries, n_test, trainings),
-                  "Accuracy levers through the device: TTA, ensembles, schedule length, distillation, weight "
-                  "averaging, label smoothing, mixup / CutMix, input size", out_dir=args.out_dir)
+                  "Accuracy levers through the device: TTA, ensembles, schedule length, distillation (also from a "
+                  "larger teacher), weight averaging, label smoothing, mixup / CutMix, input size",
+                  out_dir=args.out_dir)
     return 0
 
 
