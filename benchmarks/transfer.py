@@ -28,7 +28,10 @@ augmentation are the model's defaults in both):
 ``--extra-arms`` adds recipes trained from scratch on the same folds of the
 ``--extra-tasks`` (default pbc), each compared with the scratch arm fold by
 fold in a second table: ``mixup`` / ``cutmix`` (``--mix``, at its defaults),
-the small-data regularisers a lab would try before a backbone.
+the small-data regularisers a lab would try before a backbone. ``--arm
+NAME=OPTIONS`` (repeatable) adds any other arm the same way, e.g. another
+backbone file or a lower fine-tuning rate:
+``--arm "smear-lr5e-4=--init leukoedge-smear --lr 5e-4"``.
 
 Runs are cached under ``--work`` (a finished run is read, not retrained);
 the arms of each fold run back to back so an interrupted benchmark still
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -51,6 +55,16 @@ ARMS = {"scratch": [], "leukoedge-smear": ["--init", "leukoedge-smear"]}
 #: Recipes compared with the scratch arm on the same folds (``--extra-arms``).
 EXTRA_ARMS = {"mixup": ["--mix", "mixup"], "cutmix": ["--mix", "cutmix"]}
 BASE = ["--model", "leuko-small", "--no-audit"]
+
+
+def parse_arm(text: str) -> tuple[str, list[str]]:
+    """``NAME=OPTIONS`` of ``--arm``: the arm's name and the options it adds to the scratch command."""
+    name, sep, options = text.partition("=")
+    name = name.strip()
+    if not sep or not name or not options.strip() or name in ARMS or "/" in name:
+        raise argparse.ArgumentTypeError(f"--arm wants NAME=OPTIONS with a new name (no '/'), e.g. "
+                                         f"'lr5e-4=--init leukoedge-smear --lr 5e-4'; got {text!r}")
+    return name, shlex.split(options)
 
 
 def train_cmd(*args) -> list[str]:
@@ -105,12 +119,13 @@ def run_taleqani(args, fraction: float) -> dict:
             rows[arm].append(fold_row(out, k, audit=task.name in args.audit))
     counts = folds[0].counts()
     return {"task": task.name, "fraction": fraction, "n_subset": sum(counts["train"].values()) + sum(
-        counts["val"].values()), "n_test": sum(counts["test"].values()), "arms": summarise(rows)}
+        counts["val"].values()), "n_test": sum(counts["test"].values()), "arms": summarise(rows), "options": arms}
 
 
 def run_pbc(args) -> dict:
     rows: dict[str, list[dict]] = {}
-    for arm, extra in arms_of(args, "pbc").items():
+    arms = arms_of(args, "pbc")
+    for arm, extra in arms.items():
         out = args.work / "pbc" / arm
         if not (out / "cv.json").exists() or not json.loads((out / "cv.json").read_text()).get("complete"):
             resume = ["--resume"] if (out / "cv_config.json").exists() else ["--data", args.pbc, "--folds", args.folds]
@@ -118,13 +133,15 @@ def run_pbc(args) -> dict:
         rows[arm] = [fold_row(out / f"fold-{k}", k, audit="pbc" in args.audit) for k in range(1, args.folds + 1)]
     cv = json.loads((args.work / "pbc" / "scratch" / "cv.json").read_text())
     return {"task": "pbc", "fraction": None, "n_subset": cv["pooled"]["n"], "n_test": cv["pooled"]["n"],
-            "split_kind": cv.get("split_kind"), "arms": summarise(rows)}
+            "split_kind": cv.get("split_kind"), "arms": summarise(rows), "options": arms}
 
 
 def arms_of(args, task: str) -> dict[str, list[str]]:
-    """The arms trained on ``task``: scratch and the backbone, plus ``--extra-arms`` where ``--extra-tasks`` names it."""
+    """The arms trained on ``task``: scratch and the backbone, plus ``--extra-arms`` and ``--arm`` where
+    ``--extra-tasks`` names it."""
     wanted = task in args.extra_tasks or task.split("-")[0] in args.extra_tasks
-    return {**ARMS, **({a: EXTRA_ARMS[a] for a in args.extra_arms} if wanted else {})}
+    extra = {**{a: EXTRA_ARMS[a] for a in args.extra_arms}, **dict(args.arm)}
+    return {**ARMS, **(extra if wanted else {})}
 
 
 def fold_row(run_dir: Path, k: int, audit: bool = False) -> dict:
@@ -156,9 +173,8 @@ def summarise(rows: dict[str, list[dict]]) -> dict:
                     len(g) == len(folds) else None}
     scratch, init = (rows.get(a) for a in ARMS)
     if scratch and init:
-        diffs = [b["accuracy"] - a["accuracy"] for a, b in zip(scratch, init)]
         out["gain"] = gain(scratch, init)
-    extras = {arm: gain(scratch, folds) for arm, folds in rows.items() if arm in EXTRA_ARMS and scratch}
+    extras = {arm: gain(scratch, folds) for arm, folds in rows.items() if arm not in ARMS and scratch}
     if extras:
         out["extra_gains"] = extras
     return out
@@ -205,16 +221,17 @@ def markdown(tasks: list[dict]) -> str:
             for a, b in zip(t["arms"]["scratch"]["folds"], t["arms"]["leukoedge-smear"]["folds"])))
     extra = [t for t in tasks if t["arms"].get("extra_gains")]
     if extra:
-        lines += ["", "Other small-data recipes, from scratch on the same folds (`--extra-arms`; each arm adds only its "
-                  "option to the scratch command):", "",
+        lines += ["", "Other small-data recipes on the same folds (`--extra-arms`, `--arm`; each arm adds only its "
+                  "options to the scratch command):", "",
                   "| task | arm | option | accuracy | gain over scratch (points, mean +- sd over folds) | folds better "
                   "| per fold (test accuracy %, kept epoch / epochs run) | mean training time |",
                   "|---|---|---|---|---|---|---|---|"]
         for t in extra:
             for arm, g in t["arms"]["extra_gains"].items():
                 a = t["arms"][arm]
+                options = (t.get("options") or {}).get(arm, EXTRA_ARMS.get(arm, []))
                 per_fold = "; ".join(f"{pct(f['accuracy'])} ({f['kept_epoch']}/{f['epochs_run']})" for f in a["folds"])
-                lines.append(f"| {t['task']} | {arm} | `{' '.join(EXTRA_ARMS[arm])}` | {pct(a['accuracy_mean'])} +- "
+                lines.append(f"| {t['task']} | {arm} | `{shlex.join(options)}` | {pct(a['accuracy_mean'])} +- "
                              f"{pct(a['accuracy_sd'])} | {pct(g['mean'])} +- {pct(g['sd'])} | {g['folds_better']} of "
                              f"{g['folds']} | {per_fold} | {a['train_seconds_mean']:.0f} s |")
     return "\n".join(lines)
@@ -235,9 +252,13 @@ def main() -> int:
                          "the grayscale column")
     ap.add_argument("--extra-arms", nargs="*", default=[], choices=sorted(EXTRA_ARMS),
                     help="also train these recipes from scratch on the same folds (second table)")
+    ap.add_argument("--arm", type=parse_arm, action="append", default=[], metavar="NAME=OPTIONS",
+                    help="another arm: these `leukoedge train` options added to the scratch command (repeatable; "
+                         "second table), e.g. 'cells=--init /path/backbone.npz'")
     ap.add_argument("--extra-tasks", nargs="*", default=["pbc"], metavar="TASK",
                     help="the tasks the extra arms run on: pbc, taleqani, or taleqani-10 (default: pbc)")
-    ap.add_argument("--name", default="transfer")
+    ap.add_argument("--name", default="transfer", help="results file name (NAME.md, NAME.json)")
+    ap.add_argument("--title", default="Transfer: from scratch vs the shipped backbone (leuko-small)")
     ap.add_argument("--out-dir", type=Path, default=RESULTS, help="where transfer.{md,json} go")
     args = ap.parse_args()
     tasks = []
@@ -246,7 +267,7 @@ def main() -> int:
     if "taleqani" in args.tasks:
         tasks += [run_taleqani(args, f) for f in args.fractions]
     write_results(args.name, {"machine": machine_info(), "tasks": tasks}, markdown(tasks),
-                  "Transfer: from scratch vs the shipped backbone (leuko-small)", args.out_dir)
+                  args.title, args.out_dir)
     return 0
 
 

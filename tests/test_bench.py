@@ -325,3 +325,37 @@ def test_transfer_extra_arms_are_compared_with_scratch_fold_by_fold(monkeypatch)
     text = markdown([{"task": "pbc", "n_subset": 15, "n_test": 15, "arms": arms}])
     assert "| pbc | mixup | `--mix mixup` | 80.0 +- 17.3 | 0.0 +- 10.0 | 1 of 3 | 90.0 (1/9); 90.0 (2/10); 60.0 (3/11) | 20 s |" in text
     assert "extra_gains" not in summarise({"scratch": folds(0.8), "leukoedge-smear": folds(0.9)})
+
+
+def test_transfer_custom_arms_carry_their_options_into_the_table(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import argparse
+
+    from transfer import markdown, parse_arm, summarise
+
+    name, options = parse_arm("cells=--init '/runs/my backbone.npz' --lr 5e-4")
+    assert name == "cells" and options == ["--init", "/runs/my backbone.npz", "--lr", "5e-4"]
+    for bad in ("cells", "=--lr 1e-3", "cells=", "scratch=--lr 1e-3", "a/b=--lr 1e-3"):
+        with pytest.raises(argparse.ArgumentTypeError, match="NAME=OPTIONS"):
+            parse_arm(bad)
+
+    def folds(*accuracies):
+        return [{"fold": k, "accuracy": a, "grayscale": None, "train_seconds": 5.0, "kept_epoch": k,
+                 "epochs_run": k} for k, a in enumerate(accuracies, 1)]
+
+    arms = summarise({"scratch": folds(0.8, 0.9), "leukoedge-smear": folds(0.8, 0.8), "cells": folds(0.9, 0.9)})
+    assert arms["extra_gains"]["cells"]["folds_better"] == 1
+    text = markdown([{"task": "pbc", "n_subset": 10, "n_test": 10, "arms": arms, "options": {"cells": options}}])
+    assert "| pbc | cells | `--init '/runs/my backbone.npz' --lr 5e-4` | 90.0 +- 0.0 | 5.0 +- 7.1 | 1 of 2 |" in text
+
+
+def test_make_backbone_writes_the_command_the_shipped_backbone_records(monkeypatch):
+    """The shipped file's provenance names the command ``make_backbone.py`` runs for it (and would write again)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from make_backbone import RECIPE, recipe_options
+
+    from leukoedge.models.pretrained import load_backbone
+
+    recorded = load_backbone("leukoedge-smear").record()["trained_with"]["command"]
+    assert recorded == " ".join(["leukoedge train", *recipe_options(RECIPE), "--manifest MANIFEST --data ROOT --out RUN"])
+    assert "--augment cells" in " ".join(recipe_options({**RECIPE, "augment": "cells"}))
