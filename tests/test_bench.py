@@ -359,3 +359,63 @@ def test_make_backbone_writes_the_command_the_shipped_backbone_records(monkeypat
     recorded = load_backbone("leukoedge-smear").record()["trained_with"]["command"]
     assert recorded == " ".join(["leukoedge train", *recipe_options(RECIPE), "--manifest MANIFEST --data ROOT --out RUN"])
     assert "--augment cells" in " ".join(recipe_options({**RECIPE, "augment": "cells"}))
+
+
+def _predicted_run(path: Path, root: Path, entries, labels: list[str], answers: list[str]) -> Path:
+    """A run directory holding only what error_overlap.py reads: config, manifest, predictions.csv."""
+    from leukoedge.data.records import Manifest
+    from leukoedge.files import write_json
+    from leukoedge.train.predictions import write_predictions
+    from leukoedge.train.rundir import RunConfig, RunDir
+
+    classes = ("Benign", "Malignant")
+    rd = RunDir(path)
+    path.mkdir(parents=True)
+    Manifest(root=str(root), layout="toy", classes=classes, split_kind="block", seed=0,
+             entries=tuple(entries)).save(rd.manifest_path)
+    write_json(rd.config_path, RunConfig(model="leuko-tiny", input_size=32, classes=classes, seed=0, epochs=1,
+                                         batch_size=4, learning_rate=1e-3, data_root=str(root)).to_dict())
+    probs = np.array([[0.8, 0.2] if a == "Benign" else [0.3, 0.7] for a in answers])
+    write_predictions(rd.predictions_path("test"), entries, np.array([classes.index(c) for c in labels]), probs,
+                      classes)
+    return path
+
+
+def test_error_overlap_lines_runs_up_image_by_image_and_refuses_other_images(tmp_path):
+    """3 runs on 6 camera-size images: the shared errors, the k-of-n counts, the oracle, the contact sheet."""
+    from leukoedge.data.records import ManifestEntry
+
+    root = tmp_path / "data"
+    labels = ["Benign", "Benign", "Benign", "Malignant", "Malignant", "Malignant"]
+    rng = np.random.default_rng(0)
+    entries = []
+    for i, label in enumerate(labels):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (1200, 1600, 3), dtype=np.uint8)).save(root / label / f"f{i}.jpg")
+        entries.append(ManifestEntry(path=f"{label}/f{i}.jpg", label=label, split="test"))
+    # image 0: wrong in all 3; image 3: wrong in 2 of 3; image 5: wrong in 1 of 3
+    answers = {"a": ["Malignant", "Benign", "Benign", "Benign", "Malignant", "Malignant"],
+               "b": ["Malignant", "Benign", "Benign", "Benign", "Malignant", "Benign"],
+               "c": ["Malignant", "Benign", "Benign", "Malignant", "Malignant", "Malignant"]}
+    runs = [_predicted_run(tmp_path / n, root, entries, labels, a) for n, a in answers.items()]
+    out = tmp_path / "results"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "error_overlap.py"
+    cmd = [sys.executable, str(script), *(f"--run={n}={r}" for n, r in zip(answers, runs)), "--out-dir", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((out / "error_overlap.json").read_text())
+    assert [b["images"] for b in result["by_wrong_count"]] == [3, 1, 1, 1]
+    assert [s["path"] for s in result["wrong_in_all"]] == ["Benign/f0.jpg"]
+    assert result["oracle_accuracy"] == pytest.approx(5 / 6)
+    assert result["mean_probability_accuracy"] == pytest.approx(4 / 6)  # images 0 and 3 (2 of 3 say Benign)
+    assert result["majority_confusions"] == [{"label": "Benign", "predicted": "Malignant", "images": 1},
+                                             {"label": "Malignant", "predicted": "Benign", "images": 1}]
+    text = (out / "error_overlap.md").read_text()
+    assert "1 of the 6 images is wrong in all 3 runs" in text and "| `Benign/f0.jpg` | Benign |" in text
+    with Image.open(out / "error_overlap.png") as sheet:
+        assert sheet.width > 300  # images 0 and 3, from the camera-size files
+    # a run evaluated on other images is refused, not lined up
+    other = _predicted_run(tmp_path / "other", root, entries[:5], labels[:5], answers["a"][:5])
+    done = subprocess.run([*cmd[:3], f"--run=other={other}", "--out-dir", str(tmp_path / "x")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "other test images" in done.stderr and "same manifest" in done.stderr

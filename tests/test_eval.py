@@ -208,3 +208,73 @@ def test_eval_refuses_an_incomplete_run_dir(tmp_path):
 
     with pytest.raises(RunError):
         evaluate_run(tmp_path)
+
+
+def test_eval_keeps_every_answer_and_shows_the_misclassified_images(degenerate_run):
+    """predictions.csv has one row per test image in manifest order; errors.png and the card name the errors."""
+    from leukoedge.train.evaluate import evaluate_run
+    from leukoedge.train.predictions import read_predictions
+
+    results = evaluate_run(degenerate_run, ("test",), n_resamples=100)
+    manifest = Manifest.load(degenerate_run / "manifest.json")
+    rows = read_predictions(degenerate_run / "predictions.csv")
+    assert [r.path for r in rows] == [e.path for e in manifest.subset("test")]
+    assert all(r.predicted == "Benign" for r in rows)  # the model always answers Benign
+    assert [r.correct for r in rows] == [e.label == "Benign" for e in manifest.subset("test")]
+    assert all(abs(sum(r.probabilities.values()) - 1) < 1e-4 and r.confidence == max(r.probabilities.values())
+               for r in rows)
+    assert len(read_predictions(degenerate_run / "predictions_val.csv")) == len(manifest.subset("val"))
+    assert results["test"]["misclassified"] == 6 and results["test"]["errors_plot"] == "plots/errors.png"
+    with Image.open(degenerate_run / "plots" / "errors.png") as im:
+        assert im.width > 200 and im.height > 100
+    card_md = (degenerate_run / "model_card.md").read_text()
+    assert "misclassified: 6 of 8 images, shown in `plots/errors.png`" in card_md
+    assert read_json(degenerate_run / "metrics.json")["predictions_file"] == "predictions.csv"
+
+
+def test_errors_are_ordered_by_confidence_and_a_gallery_without_errors_is_removed(tmp_path):
+    from leukoedge.train.evaluate import _write_answers
+    from leukoedge.train.predictions import errors_by_confidence, read_predictions
+
+    y = np.array([0, 1, 1, 0])
+    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.3, 0.7]])
+    assert errors_by_confidence(y, probs).tolist() == [3, 1]  # 0.7 wrong before 0.6 wrong
+    rd = RunDir(tmp_path)
+    entries = [ManifestEntry(path=f"a/{i}.png", label="x", split="test") for i in range(4)]
+    x = np.zeros((4, 16, 16, 3), np.uint8)
+    assert _write_answers(rd, "test", x, entries, y, probs, ("A", "B"))["misclassified"] == 2
+    assert rd.errors_plot_path("test").exists()
+    out = _write_answers(rd, "test", x, entries, y, np.eye(2)[y], ("A", "B"))
+    assert out == {"misclassified": 0, "predictions_file": "predictions.csv", "errors_plot": None}
+    assert not rd.errors_plot_path("test").exists()  # no stale picture of another model's errors
+    assert all(r.correct for r in read_predictions(rd.predictions_path("test")))
+
+
+def test_reading_predictions_refuses_a_foreign_file(tmp_path):
+    from leukoedge.errors import RunError
+    from leukoedge.train.predictions import read_predictions
+
+    with pytest.raises(RunError, match="not found") as err:
+        read_predictions(tmp_path / "missing.csv")
+    assert "leukoedge eval" in err.value.hint
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(RunError, match="not a leukoedge predictions file"):
+        read_predictions(tmp_path / "other.csv")
+    (tmp_path / "bad.csv").write_text("path,root,label,predicted,confidence,correct,p_A\nx,zero,A,A,1,1,1\n")
+    with pytest.raises(RunError, match="cannot be read"):
+        read_predictions(tmp_path / "bad.csv")
+
+
+def test_pooled_predictions_need_every_fold_and_say_which_fold_answered(tmp_path):
+    from leukoedge.train.predictions import pool_predictions, write_predictions
+
+    y, probs = np.array([0, 1]), np.array([[0.9, 0.1], [0.8, 0.2]])
+    paths = []
+    for k in (1, 2):
+        entries = [ManifestEntry(path=f"f{k}/{i}.png", label="x", split="test") for i in range(2)]
+        paths.append((k, write_predictions(tmp_path / f"p{k}.csv", entries, y, probs, ("A", "B"))))
+    out = tmp_path / "predictions.csv"
+    assert pool_predictions(paths, out) == 4
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("fold,path,") and lines[1].startswith("1,f1/0.png") and lines[4].startswith("2,f2/1.png")
+    assert pool_predictions([*paths, (3, tmp_path / "missing.csv")], out) is None and not out.exists()

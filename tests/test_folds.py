@@ -297,6 +297,13 @@ def test_cross_validation_run_resumes_and_pools(tmp_path, monkeypatch):
     card = (out / "model_card.md").read_text()
     assert "## Cross-validation" in card and "Pooled confusion matrix" in card and "Incomplete" not in card
     assert "skipped (--no-audit)" in card
+    # every held-out image once, answered by the fold model that did not train on it
+    from leukoedge.train.predictions import read_predictions
+
+    pooled = read_predictions(out / "predictions.csv")
+    assert sorted(r.path for r in pooled) == sorted(e.path for e in folds[0].entries)
+    assert sum(r.correct for r in pooled) == np.trace(cv["pooled"]["confusion_matrix"])
+    assert cv["predictions_file"] == "predictions.csv" and "`predictions.csv` (`fold` column" in card
     assert main(_cv_args(data, out, "--resume")) == 0 and calls[2:] == []  # all done: nothing retrained
 
 

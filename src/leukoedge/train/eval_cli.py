@@ -48,6 +48,9 @@ def run(args: argparse.Namespace) -> int:
         warn = f"  COLLAPSED: {', '.join(m['collapsed_classes'])}" if m["collapsed_classes"] else ""
         print(f"{split}: n={m['n']} accuracy {m['accuracy']:.4f} [{ci['low']:.4f}, {ci['high']:.4f}]  "
               f"macro-F1 {m['macro_f1']:.4f}  ECE {m['ece']:.4f}  ({m['split_kind']} split){warn}")
+        gallery = f", shown in {args.run_dir}/{m['errors_plot']}" if m.get("errors_plot") else ""
+        print(f"  misclassified {m['misclassified']} of {m['n']}{gallery}; "
+              f"every answer: {args.run_dir}/{m['predictions_file']}")
     if args.audit:
         from .audit_run import audit_run, summary_lines
         from .evaluate import write_card

@@ -6,7 +6,9 @@ validation split is always evaluated too: the collapse check and the
 abstention threshold are decided on it, never on test.
 
 Outputs (see :mod:`.rundir`): ``metrics.json`` (test) / ``metrics_<split>.json``,
-``ood.json``, ``model_card.{md,json}``, ``plots/*.png``.
+``predictions.csv`` / ``predictions_<split>.csv`` (every image's answer, :mod:`.predictions`),
+``ood.json``, ``model_card.{md,json}``, ``plots/*.png`` (with ``errors.png``, the
+misclassified images).
 
 What can fail: :class:`RunError` (incomplete run directory),
 :class:`DatasetError` (images missing or unreadable, empty split or OOD folder).
@@ -29,6 +31,7 @@ from .card import build_card, render_markdown
 from .dataset import ImageCache, eval_dataset, load_split
 from .metrics import jsonable, summarize
 from .ood import SCORE_NAME, load_folder, max_softmax
+from .predictions import errors_by_confidence, gallery_examples, write_predictions
 from .rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -77,10 +80,11 @@ def evaluate_run(run_dir: str | Path, splits: Sequence[str] = ("val", "test"), o
     results: dict[str, dict] = {}
     probs_by_split: dict[str, np.ndarray] = {}
     for split in wanted:
-        x, y, _ = load_split(manifest, split, spec, cache, root)
+        x, y, entries = load_split(manifest, split, spec, cache, root)
         probs = predict(model, x, batch_size)
         summary = summarize(y, probs, config.classes, n_resamples=n_resamples, seed=0)
-        summary.update(split=split, split_kind=manifest.split_kind, leaky=manifest.leaky, model=config.model)
+        summary.update(split=split, split_kind=manifest.split_kind, leaky=manifest.leaky, model=config.model,
+                       **_write_answers(rd, split, x, entries, y, probs, config.classes))
         if summary["collapsed_classes"]:
             summary["collapse_warning"] = (f"recall 0 for {', '.join(summary['collapsed_classes'])}: "
                                            "the model collapsed; do not use it")
@@ -127,6 +131,27 @@ def write_card(run_dir: str | Path, results: dict[str, dict], ood: dict | None =
     write_json(rd.model_card_json, card)
     atomic_write_text(rd.model_card_md, render_markdown(card))
     return card
+
+
+def _write_answers(rd: RunDir, split: str, x, entries, y, probs, classes) -> dict:
+    """``predictions[_split].csv`` and the error gallery; returns what the metrics and the card say of them.
+
+    A gallery left by an earlier evaluation is removed when this model makes no
+    error, so no picture of another model's mistakes stays beside its metrics.
+    """
+    write_predictions(rd.predictions_path(split), entries, y, probs, classes)
+    wrong = len(errors_by_confidence(y, probs))
+    examples = gallery_examples(x, entries, y, probs, classes)
+    gallery = rd.errors_plot_path(split)
+    if examples:
+        shown = f"the {len(examples)} most confident of {wrong}" if wrong > len(examples) else f"all {wrong}"
+        plots.audit_panel(examples, gallery, title=f"misclassified {split} images ({shown}): "
+                          "true -> predicted (confidence)")
+    else:
+        gallery.unlink(missing_ok=True)
+    return {"misclassified": wrong,
+            "predictions_file": rd.predictions_path(split).name,
+            "errors_plot": f"plots/{gallery.name}" if examples else None}
 
 
 def _split_plots(rd: RunDir, split: str, y, probs, summary: dict, classes) -> None:

@@ -48,6 +48,7 @@ from ..errors import UsageError
 from ..files import atomic_write_text, write_json
 from ..stats import wilson as stats_wilson
 from ..stats.metrics import macro_f1_from_confusion, per_class_prf
+from .predictions import pool_predictions
 from .rundir import RunDir, read_json
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -314,6 +315,9 @@ def _write(rd: RunDir, summaries: list[dict], k_total: int, first: Manifest, sav
         train_seconds=round(sum(float(s.get("train_seconds") or 0.0) for s in summaries), 1),
     )
     config = RunDir(rd.fold_dir(1)).config() if RunDir(rd.fold_dir(1)).config_path.exists() else None
+    pooled_rows = pool_predictions([(s["fold"], RunDir(rd.fold_dir(s["fold"])).predictions_path("test"))
+                                    for s in summaries], rd.predictions_path("test"))
+    cv["predictions_file"] = None if pooled_rows is None else rd.predictions_path("test").name
     write_json(rd.cv_path, cv)
     card = build_cv_card(cv, config, first)
     write_json(rd.model_card_json, card)

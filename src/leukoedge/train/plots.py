@@ -148,7 +148,8 @@ def audit_panel(examples: Sequence[dict], path: Path, title: str = "", ncols: in
     """Grid of images with their heatmap overlaid and the white-cell mask outlined.
 
     Each example: ``image`` uint8 HxWx3, ``heatmap`` HxW in [0, 1] or None,
-    ``mask`` bool HxW, ``title`` str, ``wrong`` bool (title in red).
+    ``mask`` bool HxW or None, ``title`` str, ``wrong`` bool (title in red).
+    Also the evaluation's error gallery (no heatmap, no mask).
     """
     plt = _pyplot()
     n = max(len(examples), 1)
@@ -161,8 +162,8 @@ def audit_panel(examples: Sequence[dict], path: Path, title: str = "", ncols: in
         ax.imshow(ex["image"])
         if ex.get("heatmap") is not None:
             ax.imshow(ex["heatmap"], cmap="jet", alpha=0.4, vmin=0.0, vmax=1.0, interpolation="bilinear")
-        mask = np.asarray(ex["mask"], dtype=float)
-        if 0 < mask.mean() < 1:
+        mask = np.asarray(ex["mask"] if ex.get("mask") is not None else 0.0, dtype=float)
+        if mask.ndim == 2 and 0 < mask.mean() < 1:
             ax.contour(mask, levels=[0.5], colors="white", linewidths=1.0)
         ax.set_title(ex["title"], fontsize=7, color="red" if ex.get("wrong") else "black")
     if title:

@@ -16,10 +16,13 @@ Layout::
       state.json         resume state: last completed epoch, best metric, early-stopping counter
       history.json       per-epoch metrics; select, kept_epoch and the kept epoch's val figures
       metrics.json       evaluation (leukoedge eval), per split: metrics_<split>.json
+      predictions.csv    every image's answer (path, label, predicted, confidence, probabilities),
+                         per split: predictions_<split>.csv
       ood.json           out-of-distribution score name and threshold chosen on validation
       calibration.json   temperature fitted on validation (issue 7), optional
       model_card.md / model_card.json
-      plots/             training_curves.png, confusion_matrix.png, roc.png, reliability.png
+      plots/             training_curves.png, confusion_matrix.png, roc.png, reliability.png,
+                         errors.png (the misclassified images, most confident first; per split errors_<split>.png)
 
 A cross-validation run (``leukoedge train --folds K``, :mod:`.folds`) is a
 directory of K ordinary run directories plus what ties them together::
@@ -131,6 +134,12 @@ class RunDir:
 
     def metrics_path(self, split: str = "test") -> Path:
         return self.path / ("metrics.json" if split == "test" else f"metrics_{split}.json")
+
+    def predictions_path(self, split: str = "test") -> Path:
+        return self.path / ("predictions.csv" if split == "test" else f"predictions_{split}.csv")
+
+    def errors_plot_path(self, split: str = "test") -> Path:
+        return self.plots_dir / ("errors.png" if split == "test" else f"errors_{split}.png")
 
     # -- readers -----------------------------------------------------------
     def require(self, *paths: Path) -> None:
