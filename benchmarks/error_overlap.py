@@ -76,12 +76,17 @@ def load_runs(runs: list[tuple[str, Path]], split: str) -> tuple[list[str], list
     return names, images, probs, classes
 
 
+def aligned_answers(images: list, probs: np.ndarray, classes: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(labels [images], predicted [runs, images], wrong-run count [images])`` of the aligned probabilities."""
+    y = np.array([classes.index(label) for _, _, label in images])
+    predicted = probs.argmax(2)
+    return y, predicted, (predicted != y[None, :]).sum(0)
+
+
 def overlap(names: list[str], images: list, probs: np.ndarray, classes: list[str]) -> dict:
     """Every figure of the table (see the module docstring) from the aligned probabilities."""
-    y = np.array([classes.index(label) for _, _, label in images])
-    predicted = probs.argmax(2)                       # [runs, images]
+    y, predicted, k = aligned_answers(images, probs, classes)
     wrong = predicted != y[None, :]
-    k = wrong.sum(0)
     n_runs, n = wrong.shape
     mean_pred = probs.mean(0).argmax(1)
     per_run = []
@@ -169,9 +174,7 @@ def contact_sheet(run: Path, images: list, probs: np.ndarray, classes: list[str]
 
     from leukoedge.train.plots import audit_panel
 
-    y = np.array([classes.index(label) for _, _, label in images])
-    predicted = probs.argmax(2)
-    k = (predicted != y[None, :]).sum(0)
+    y, predicted, k = aligned_answers(images, probs, classes)
     order = [i for i in np.argsort(-k, kind="stable") if k[i] > probs.shape[0] / 2][:limit]
     if not order:
         return False

@@ -140,8 +140,9 @@ def _write_answers(rd: RunDir, split: str, x, entries, y, probs, classes) -> dic
     error, so no picture of another model's mistakes stays beside its metrics.
     """
     write_predictions(rd.predictions_path(split), entries, y, probs, classes)
-    wrong = len(errors_by_confidence(y, probs))
-    examples = gallery_examples(x, entries, y, probs, classes)
+    errors = errors_by_confidence(y, probs)
+    wrong = len(errors)
+    examples = gallery_examples(x, entries, y, probs, classes, errors)
     gallery = rd.errors_plot_path(split)
     if examples:
         shown = f"the {len(examples)} most confident of {wrong}" if wrong > len(examples) else f"all {wrong}"

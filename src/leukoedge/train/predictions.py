@@ -98,10 +98,13 @@ def errors_by_confidence(y: np.ndarray, probs: np.ndarray) -> np.ndarray:
 
 
 def gallery_examples(x: np.ndarray, entries: Sequence, y: np.ndarray, probs: np.ndarray,
-                     classes: Sequence[str], limit: int = GALLERY_MAX) -> list[dict]:
-    """The gallery's tiles (``image``, ``title``, ``wrong``) for :func:`leukoedge.train.plots.audit_panel`."""
+                     classes: Sequence[str], errors: np.ndarray, limit: int = GALLERY_MAX) -> list[dict]:
+    """The gallery's tiles (``image``, ``title``, ``wrong``) for :func:`leukoedge.train.plots.audit_panel`.
+
+    ``errors``: the misclassified indices in gallery order (:func:`errors_by_confidence`).
+    """
     examples = []
-    for i in errors_by_confidence(y, probs)[:limit]:
+    for i in errors[:limit]:
         pred = int(np.argmax(probs[i]))
         name = Path(entries[i].path).name
         examples.append({"image": x[i], "wrong": True,
